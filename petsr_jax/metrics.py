@@ -1,0 +1,65 @@
+"""Image-quality metrics on NHWC batches, one value per image: PSNR, SSIM, LPIPS.
+
+Images are in the network's range: each volume divided by its own maximum (see
+`petsr_jax.data.normalise`), so the data range is 1. PSNR and SSIM are DeepMind's dm-pix
+implementations; SSIM uses the Gaussian 11×11, σ = 1.5 window of Wang et al. (2004), which equals
+scikit-image's `structural_similarity(..., gaussian_weights=True, sigma=1.5,
+use_sample_covariance=False, data_range=1)` (checked in `tests/test_metrics.py`).
+
+Masked variants restrict the average to a region (the brain): PSNR over the masked pixels, SSIM
+as the mean of the SSIM map over the masked pixels the 11×11 window fits around.
+"""
+
+from __future__ import annotations
+
+import dm_pix
+import jax.numpy as jnp
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+
+
+def mse(x, y, mask=None):
+    """Mean squared error per image, over `mask` where given."""
+    err = jnp.square(x.astype(jnp.float32) - y.astype(jnp.float32))
+    if mask is None:
+        return jnp.mean(err, axis=(1, 2, 3))
+    mask = jnp.broadcast_to(mask, err.shape).astype(jnp.float32)
+    return jnp.sum(err * mask, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(mask, axis=(1, 2, 3)), 1.0)
+
+
+def psnr(x, y, mask=None, data_range: float = 1.0):
+    """Peak signal-to-noise ratio in dB per image (`data_range` = 1 for normalised images)."""
+    if mask is None and data_range == 1.0:
+        return dm_pix.psnr(x.astype(jnp.float32), y.astype(jnp.float32))
+    return 10.0 * jnp.log10(data_range**2 / mse(x, y, mask))
+
+
+def ssim(x, y, mask=None, data_range: float = 1.0):
+    """Structural similarity per image (Gaussian 11×11 window, σ = 1.5, K1 = 0.01, K2 = 0.03)."""
+    ssim_map = dm_pix.ssim(
+        x.astype(jnp.float32),
+        y.astype(jnp.float32),
+        max_val=data_range,
+        filter_size=SSIM_WINDOW,
+        filter_sigma=SSIM_SIGMA,
+        return_map=True,
+    )  # [N, H - 10, W - 10, C]: only where the window fits, as scikit-image crops.
+    if mask is None:
+        return jnp.mean(ssim_map, axis=(1, 2, 3))
+    pad = SSIM_WINDOW // 2
+    inner = jnp.broadcast_to(mask, x.shape)[:, pad:-pad, pad:-pad, :].astype(jnp.float32)
+    return jnp.sum(ssim_map * inner, axis=(1, 2, 3)) / jnp.maximum(
+        jnp.sum(inner, axis=(1, 2, 3)), 1.0
+    )
+
+
+def lpips(x, y, weights_dir: str | None = None):
+    """LPIPS (VGG) per image for NHWC images in [0, 1] (see `petsr_jax.lpips`).
+
+    Raises `petsr_jax.lpips.LPIPSUnavailable`, saying why and how to provide the weights, when
+    the VGG16 and linear-layer weights cannot be found.
+    """
+    from petsr_jax import lpips as lpips_module
+
+    return lpips_module.lpips(x, y, weights_dir=weights_dir)

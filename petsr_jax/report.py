@@ -1,0 +1,175 @@
+"""What a finished run leaves for people: results.json, results.md and a comparison figure.
+
+Every file is written to a temporary name in the same folder and renamed, so an interruption never
+leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from petsr_jax import evaluate
+
+
+def write_atomic(path: Path, payload: bytes) -> Path:
+    """Write `payload` to `path` through a temporary sibling and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, obj) -> Path:
+    return write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_figure_atomic(fig, path: Path, **kwargs) -> Path:
+    """`fig.savefig` through a temporary file and a rename."""
+    import io as _io
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    return write_atomic(path, buf.getvalue())
+
+
+def _fmt(entry: dict, metric: str, digits: int) -> str:
+    if metric not in entry:
+        return "n/a"
+    return f"{entry[metric]:.{digits}f} ± {entry[metric + '_std']:.{digits}f}"
+
+
+METRICS = (
+    ("psnr", "PSNR (dB)", 2),
+    ("ssim", "SSIM", 3),
+    ("lpips", "LPIPS", 3),
+    ("psnr_brain", "PSNR brain", 2),
+    ("ssim_brain", "SSIM brain", 3),
+)
+
+
+def results_markdown(results: dict) -> str:
+    """The results of a run as a markdown table a person reads (mean ± std over test slices)."""
+    test = results["test"]
+    name = {"srcnn": "multi-scale SRCNN", "deepsr": "DeepSR"}.get(
+        results["model"], results["model"]
+    )
+    lines = [
+        f"# {name}, {results['scale']}× — test split",
+        "",
+        f"{test['num_slices']} slices of {test['num_patients']} patients; mean ± std over slices; "
+        'images normalised per volume to [0, 1]; "brain" = inside the brain mask.',
+        "",
+        "| image | " + " | ".join(label for _, label, _ in METRICS) + " |",
+        "|---|" + "---|" * len(METRICS),
+    ]
+    for key, label in (
+        ("bicubic", f"Input LR ({results['scale']}× + bicubic)"),
+        ("sr", f"Output SR ({name})"),
+    ):
+        lines.append(
+            f"| {label} | " + " | ".join(_fmt(test[key], m, d) for m, _, d in METRICS) + " |"
+        )
+    if "lpips_unavailable" in test:
+        lines += ["", f"LPIPS unavailable: {test['lpips_unavailable']}"]
+    lines += [
+        "",
+        "Per patient (mean over slices):",
+        "",
+        "| patient | bicubic PSNR | SR PSNR | bicubic SSIM | SR SSIM |",
+        "|---|---|---|---|---|",
+    ]
+    for pid, e in sorted(test.get("per_patient", {}).items()):
+        lines.append(
+            f"| {pid} | {e['bicubic']['psnr']:.2f} | {e['sr']['psnr']:.2f} | "
+            f"{e['bicubic']['ssim']:.3f} | {e['sr']['ssim']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Trained {results['step']} steps (best validation step {results['best_step']}), "
+        f"{results['num_params']:,} parameters.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def figure_slices(slices, count: int) -> np.ndarray:
+    """Indices of up to `count` slices from different patients (each patient's middle slice)."""
+    picks = []
+    for pid in list(dict.fromkeys(slices.patient.tolist()))[:count]:
+        idx = np.flatnonzero(slices.patient == pid)
+        picks.append(int(idx[len(idx) // 2]))
+    return np.array(picks, int)
+
+
+def comparison_figure(
+    path: Path,
+    hr,
+    lr_up,
+    sr,
+    *,
+    titles=("bicubic", "model", "original"),
+    row_labels=None,
+    error_map: bool = True,
+) -> Path:
+    """PNG grid: one row per slice, columns bicubic | model | original (| |model − original|)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = hr.shape[0]
+    cols = 4 if error_map else 3
+    fig, axes = plt.subplots(n, cols, figsize=(3 * cols, 3 * n), squeeze=False)
+    for i in range(n):
+        vmax = float(hr[i].max()) or 1.0
+        panels = [lr_up[i], sr[i], hr[i]]
+        for j, img in enumerate(panels):
+            axes[i, j].imshow(img, cmap="gray", vmin=0, vmax=vmax)
+            axes[i, j].set_title(titles[j] if i == 0 else "")
+        if error_map:
+            err = np.abs(sr[i] - hr[i])
+            im = axes[i, 3].imshow(err, cmap="magma", vmin=0, vmax=max(float(err.max()), 1e-6))
+            axes[i, 3].set_title("|model − original|" if i == 0 else "")
+            fig.colorbar(im, ax=axes[i, 3], fraction=0.046)
+        if row_labels is not None:
+            axes[i, 0].set_ylabel(row_labels[i])
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_run_outputs(
+    workdir: Path, config, results: dict, params, test_set, *, model, mesh, scores: dict
+) -> None:
+    """results.json, results.md, per-slice scores and the test-slice figure of a finished run."""
+    picks = figure_slices(test_set, config.eval.num_figure_slices)
+    hr = np.asarray(test_set.hr[picks], np.float32)
+    lr_up, sr = evaluate.predict_slices(params, hr, model=model, scale=config.scale, mesh=mesh)
+    labels = [f"{test_set.patient[i]} z={test_set.slice_index[i]}" for i in picks]
+    comparison_figure(workdir / "test_slices.png", hr, lr_up, sr, row_labels=labels)
+    per_slice = {
+        "patient": test_set.patient.tolist(),
+        "slice_index": [int(i) for i in test_set.slice_index],
+        **{k: np.asarray(v).tolist() for k, v in scores.items() if isinstance(v, np.ndarray)},
+    }
+    write_json_atomic(workdir / "test_scores.json", per_slice)
+    results = {**results, "figure": "test_slices.png"}
+    write_json_atomic(workdir / "results.json", results)
+    write_atomic(workdir / "results.md", results_markdown(results).encode())

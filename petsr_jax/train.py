@@ -1,0 +1,327 @@
+"""Training: a pure `train_step`, and `train_and_evaluate(config, workdir)` around it.
+
+`train_step(state, batch) -> (state, metrics)` receives high-resolution slices only; the
+network input is made inside the jitted step by `degrade(hr, scale)`. It is jitted with explicit
+shardings over a 1-D `data` mesh (params replicated, batch split, state donated), so one code path
+serves one CPU, several GPUs and several hosts.
+
+`train_and_evaluate` resumes from the latest checkpoint of `workdir` when there is one (a rerun
+of the same command after an interruption, `kill -9` included, ends with the same parameters as
+an uninterrupted run), evaluates on the validation split every `train.eval_every_steps` keeping the
+best params, and evaluates the test split at the end, writing `results.json`, `results.md` and a
+figure into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from petsr_jax import checkpoint, data, evaluate, report, sharding
+from petsr_jax.degrade import degrade
+from petsr_jax.models import count_params, create_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so it is saved and restored like any array
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam at the paper's constant learning rate (1e-3 SRCNN, 1e-4 DeepSR)."""
+    return optax.adam(config.train.lr)
+
+
+def init_state(config, model, tx, image_size: int) -> TrainState:
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, image_size, image_size, config.model.in_channels), jnp.float32)
+    params = model.init(init_rng, dummy)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+    )
+
+
+def mse_loss(params, model, hr, scale: int):
+    """MSE between the network's output for the bicubic-degraded `hr` and `hr` itself."""
+    lr_up = degrade(hr, scale)
+    sr = model.apply({"params": params}, lr_up)
+    return jnp.mean(jnp.square(sr - hr))
+
+
+def make_train_step(model, tx, scale: int):
+    """The pure train step for a model, optimizer and scale (jit it with `jit_train_step`)."""
+
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        loss, grads = jax.value_and_grad(mse_loss)(state.params, model, batch["hr"], scale)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng, _ = jax.random.split(state.rng)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return train_step
+
+
+def jit_train_step(train_step, mesh):
+    """`train_step` jitted for the mesh: state replicated and donated, batch split on `data`."""
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(rep, sharding.batch_sharded(mesh)),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+
+
+def _steps(config, num_train_slices: int) -> tuple[int, int]:
+    steps_per_epoch = num_train_slices // config.train.batch_size
+    if steps_per_epoch < 1:
+        raise data.DataError(
+            f"{num_train_slices} training slices make no batch of {config.train.batch_size}; "
+            "lower train.batch_size"
+        )
+    return steps_per_epoch, steps_per_epoch * config.train.epochs
+
+
+def check_workdir(workdir: Path) -> None:
+    """Fail early, with the path in the message, when outputs cannot be written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+
+
+def default_workdir(config) -> str:
+    """`runs/<model>_x<scale>`, plus the cohort preset and depth when they differ from the paper."""
+    name = f"runs/{config.model.name}_x{config.scale}"
+    if not config.data.root and config.data.cohort != "paper":
+        name += f"_{config.data.cohort}"
+    if config.model.name == "deepsr" and config.model.num_blocks != 20:
+        name += f"_b{config.model.num_blocks}"
+    return name
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+class _MetricWriter:
+    """Scalars to TensorBoard event files and a JSON-lines file (primary process only)."""
+
+    def __init__(self, workdir: Path):
+        self.enabled = _is_primary()
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.jsonl.close()
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
+    """Train `config` in `workdir` (resuming if it holds checkpoints); return the results dict."""
+    from petsr_jax.config import validate
+
+    validate(config)
+    workdir = Path(workdir).absolute()
+    check_workdir(workdir)
+    results_path = workdir / "results.json"
+
+    root = data.resolve_root(config)
+    split = data.resolve_split(config, root)
+    train_set = data.build_slice_set(root, split["train"], eval_split=False)
+    val_set = data.build_slice_set(
+        root, split["val"], eval_split=True, rule=config.data.eval_slices
+    )
+    steps_per_epoch, total_steps = _steps(config, len(train_set))
+    eval_every = config.train.eval_every_steps or steps_per_epoch
+    ckpt_every = config.train.checkpoint_every_steps or steps_per_epoch
+
+    if results_path.exists():
+        done = json.loads(results_path.read_text())
+        if done.get("step") == total_steps:
+            log.info("%s is finished (step %d); not training again", workdir, total_steps)
+            return done
+
+    if _is_primary():
+        report.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+        report.write_json_atomic(workdir / "split.json", split)
+
+    mesh = sharding.make_mesh()
+    model = create_model(config)
+    tx = make_optimizer(config)
+    image_size = config.data.crop_size or int(train_set.hr.shape[1])
+    state = init_state(config, model, tx, image_size)
+    state = sharding.replicate(state, mesh)
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
+
+    source = data.SliceSource(
+        data.cache_path_of(train_set),
+        None if data.cache_path_of(train_set) else np.asarray(train_set.hr),
+    )
+    ds = data.train_dataset(
+        source,
+        batch_size=config.train.batch_size,
+        seed=config.seed,
+        crop_size=config.data.crop_size,
+        flip=config.data.flip,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train_iter = data.train_iterator(ds, config.data.num_workers)
+
+    start_step = ckpts.latest_step() or 0
+    if start_step:
+        state, iter_state = ckpts.restore(start_step, state)
+        train_iter.set_state(iter_state)
+        log.info("resumed from step %d of %s", start_step, workdir)
+
+    step_fn = jit_train_step(make_train_step(model, tx, config.scale), mesh)
+    writer = _MetricWriter(workdir)
+    n_params = count_params(state.params)
+    bar = None
+    if progress and _is_primary() and start_step < total_steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            desc=f"{config.model.name} {config.scale}x",
+        )
+    t0, step0, train_time = time.perf_counter(), start_step, 0.0
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch = sharding.local_batch_to_global(next(train_iter), mesh)
+            state, step_metrics = step_fn(state, batch)
+            if step % config.train.log_every_steps == 0 or step == total_steps:
+                loss = float(step_metrics["loss"])  # the only host sync of the loop
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss} at step {step}; stopped. The last good checkpoint "
+                        f"(step {ckpts.latest_step()}) in {workdir / 'checkpoints'} is intact; "
+                        "lower train.lr or check the data."
+                    )
+                dt = time.perf_counter() - t0
+                train_time += dt
+                rate = (step - step0) * config.train.batch_size / max(dt, 1e-9)
+                writer.write(
+                    step,
+                    {
+                        "train/loss": loss,
+                        "train/grad_norm": float(step_metrics["grad_norm"]),
+                        "train/images_per_s": rate,
+                    },
+                )
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3g}", img_s=f"{rate:.1f}")
+                t0, step0 = time.perf_counter(), step
+            if step % eval_every == 0 or step == total_steps:
+                val = evaluate.summarise(
+                    evaluate.evaluate(
+                        state.params,
+                        val_set,
+                        model=model,
+                        scale=config.scale,
+                        mesh=mesh,
+                        batch_size=config.eval.batch_size,
+                    ),
+                    val_set.patient,
+                )
+                writer.write(
+                    step,
+                    {
+                        f"val/{img}/{m}": val[img][m]
+                        for img in ("bicubic", "sr")
+                        for m in ("psnr", "ssim")
+                    },
+                )
+                if not math.isfinite(val["sr"]["psnr"]):
+                    raise TrainingDiverged(f"validation PSNR is {val['sr']['psnr']} at step {step}")
+                ckpts.save_best(step, state.params, val["sr"]["psnr"])
+            if step % ckpt_every == 0 or step == total_steps:
+                if not evaluate.jnp_finite(state.params):
+                    raise TrainingDiverged(
+                        f"parameters became non-finite before step {step}; checkpoint not written, "
+                        f"the last good one (step {ckpts.latest_step()}) is intact"
+                    )
+                ckpts.save(step, state, train_iter.get_state())
+            if bar is not None:
+                bar.update(1)
+        ckpts.wait()
+    finally:
+        if bar is not None:
+            bar.close()
+        writer.close()
+        ckpts.wait()
+
+    params = ckpts.restore_best(state.params)
+    best_step = ckpts.best_step()
+    if params is None:
+        params, best_step = state.params, total_steps
+    ckpts.close()
+
+    test_set = data.build_slice_set(
+        root, split["test"], eval_split=True, rule=config.data.eval_slices
+    )
+    scores = evaluate.evaluate(
+        params,
+        test_set,
+        model=model,
+        scale=config.scale,
+        mesh=mesh,
+        batch_size=config.eval.batch_size,
+        with_lpips=config.eval.lpips,
+        lpips_weights=config.eval.lpips_weights or None,
+    )
+    results = {
+        "model": config.model.name,
+        "scale": config.scale,
+        "step": total_steps,
+        "best_step": int(best_step),
+        "num_params": n_params,
+        "train_time_s": round(train_time, 1),
+        "test": evaluate.summarise(scores, test_set.patient),
+    }
+    if _is_primary():
+        report.write_run_outputs(
+            workdir, config, results, params, test_set, model=model, mesh=mesh, scores=scores
+        )
+    return results
