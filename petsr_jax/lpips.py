@@ -1,9 +1,9 @@
 """LPIPS (VGG16) perceptual distance, as reported in the paper, on top of the lpips-j Flax port.
 
 lpips-j downloads its two weight files (`vgg16_weights.h5`, `lpips_lin.h5`) from the Hugging Face
-hub inside `setup()`, on every trace, so it cannot run on an offline workstation or cluster node.
-This module keeps lpips-j's network and arithmetic (`lpips_j.LPIPS.__call__`, its VGG16 from
-flaxmodels) and only changes where the weights come from, in this order:
+hub inside `setup()`, on every `init` and `apply`, so it cannot run on an offline workstation
+or cluster node. This module keeps lpips-j's network and arithmetic (`lpips_j.LPIPS.__call__`,
+its VGG16 from flaxmodels) and only changes where the weights come from, in this order:
 
 1. the `weights_dir` argument, or else the folder named by `PETSR_LPIPS_WEIGHTS`: it must hold
    both files (an explicit folder never silently falls back to anything else);
@@ -116,7 +116,7 @@ def find_weight_files(
 
     `hub_cache_dir` overrides the Hugging Face cache folder (default: the one the hub client
     uses, from `HF_HUB_CACHE` / `HF_HOME`). `allow_download=False` never touches the network;
-    with it on, an offline machine spends about 20 s in the hub client's retries before failing,
+    with it on, an offline machine spends 20-25 s in the hub client's retries before failing,
     unless `HF_HUB_OFFLINE=1` is set. Raises `LPIPSUnavailable` when nothing works.
     """
     if weights_dir is not None:
@@ -254,7 +254,10 @@ def _jitted_forward():
 
     @jax.jit
     def forward(params, x, y):
-        return module.apply(params, x, y).reshape(x.shape[0])
+        # Full float32 convolutions: on GPUs JAX otherwise runs float32 convolutions in TF32
+        # (10-bit mantissa), and reported LPIPS values would depend on the device.
+        with jax.default_matmul_precision("highest"):
+            return module.apply(params, x, y).reshape(x.shape[0])
 
     return forward
 
@@ -302,9 +305,9 @@ class LPIPSMetric:
         Values outside [0, 1] are passed on unclipped; clip beforehand to score what a viewer
         with that display window would see.
         """
+        if jnp.shape(x) != jnp.shape(y):
+            raise ValueError(f"LPIPS: x and y differ in shape: {jnp.shape(x)} vs {jnp.shape(y)}")
         x_in, y_in = _to_lpips_input(x, "x"), _to_lpips_input(y, "y")
-        if x_in.shape != y_in.shape:
-            raise ValueError(f"LPIPS: x and y differ in shape: {x_in.shape} vs {y_in.shape}")
         return _jitted_forward()(self.params, x_in, y_in)
 
 
