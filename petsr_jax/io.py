@@ -34,6 +34,7 @@ whenever the header allows it.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import datetime
@@ -359,6 +360,11 @@ def _floats(header: Dataset, keyword: str, path, count: int) -> np.ndarray:
     return numbers
 
 
+def _most_common(values: list):
+    keys = [tuple(np.round(v, 4)) if isinstance(v, np.ndarray) else v for v in values]
+    return values[keys.index(collections.Counter(keys).most_common(1)[0][0])]
+
+
 def _dicom_geometry(
     headers: Sequence[Dataset], names: Sequence
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -367,30 +373,34 @@ def _dicom_geometry(
     Raises ScanError when the slices do not form one regular volume: sizes, pixel spacings or
     orientations that differ, repeated positions (e.g. several time frames), missing slices.
     """
-    reference = headers[0]
-    size = (reference.get("Rows"), reference.get("Columns"))
-    pixel_spacing = _floats(reference, "PixelSpacing", names[0], 2)
-    orientation = _floats(reference, "ImageOrientationPatient", names[0], 6)
-    positions = []
+    sizes, pixel_spacings, orientations, positions = [], [], [], []
     for header, name in zip(headers, names, strict=True):
         if not header.get("Rows") or not header.get("Columns"):
             raise ScanError(f"{name}: Rows or Columns missing; the file may be truncated")
-        if (header.get("Rows"), header.get("Columns")) != size:
-            raise ScanError(
-                f"{name}: slice size {header.get('Rows')}x{header.get('Columns')} differs from "
-                f"{size[0]}x{size[1]} in {names[0]}; one series must have one slice size"
-            )
-        spacing_here = _floats(header, "PixelSpacing", name, 2)
-        if not np.allclose(spacing_here, pixel_spacing, rtol=1e-4, atol=1e-6):
-            raise ScanError(
-                f"{name}: PixelSpacing {spacing_here.tolist()} differs from "
-                f"{pixel_spacing.tolist()} in {names[0]}"
-            )
-        if not np.allclose(
-            _floats(header, "ImageOrientationPatient", name, 6), orientation, 0, 1e-4
-        ):
-            raise ScanError(f"{name}: ImageOrientationPatient differs from {names[0]}")
+        sizes.append((int(header.Rows), int(header.Columns)))
+        pixel_spacings.append(_floats(header, "PixelSpacing", name, 2))
+        orientations.append(_floats(header, "ImageOrientationPatient", name, 6))
         positions.append(_floats(header, "ImagePositionPatient", name, 3))
+    # Compare each slice with the most common value, so the message names the odd file out.
+    size = _most_common(sizes)
+    pixel_spacing = _most_common(pixel_spacings)
+    orientation = _most_common(orientations)
+    for k, name in enumerate(names):
+        if sizes[k] != size:
+            raise ScanError(
+                f"{name}: slice size {sizes[k][0]}x{sizes[k][1]} differs from "
+                f"{size[0]}x{size[1]} of the other slices; one series must have one slice size"
+            )
+        if not np.allclose(pixel_spacings[k], pixel_spacing, rtol=1e-4, atol=1e-6):
+            raise ScanError(
+                f"{name}: PixelSpacing {pixel_spacings[k].tolist()} differs from "
+                f"{pixel_spacing.tolist()} of the other slices"
+            )
+        if not np.allclose(orientations[k], orientation, rtol=0, atol=1e-4):
+            raise ScanError(
+                f"{name}: ImageOrientationPatient {orientations[k].tolist()} differs from "
+                f"{orientation.tolist()} of the other slices"
+            )
     positions = np.asarray(positions)
     row_direction, column_direction = orientation[:3], orientation[3:]
     normal = np.cross(row_direction, column_direction)
@@ -398,27 +408,35 @@ def _dicom_geometry(
     order = np.argsort(along_normal, kind="stable")
     positions, along_normal = positions[order], along_normal[order]
     if len(positions) > 1:
-        steps = np.diff(along_normal)
-        if np.any(steps < 1e-6):
-            k = int(np.argmin(steps))
+        gaps = np.diff(along_normal)
+        if np.any(gaps < 1e-6):
+            k = int(np.argmin(gaps))
             raise ScanError(
                 f"{names[order[k]]} and {names[order[k + 1]]}: two slices at the same position "
                 f"{positions[k].tolist()}; the series may hold several time frames or repeated "
                 "slices, which a single volume cannot"
             )
+        # Each step between neighbours must match the typical one: a missing slice doubles a
+        # step, a stray in-plane offset bends the stack.
+        steps = np.diff(positions, axis=0)
+        typical_step = np.median(steps, axis=0)
+        deviation = np.linalg.norm(steps - typical_step, axis=1)
+        irregular = np.flatnonzero(
+            deviation > _SLICE_STEP_TOLERANCE * np.linalg.norm(typical_step) + 1e-3
+        )
+        if irregular.size:
+            k = int(irregular[0])
+            raise ScanError(
+                f"{names[order[k]]} and {names[order[k + 1]]}: neighbouring slices are "
+                f"{np.linalg.norm(steps[k]):.4g} mm apart where the others are "
+                f"{np.linalg.norm(typical_step):.4g} mm apart; slice positions are not evenly "
+                "spaced (a slice may be missing)"
+            )
         step = (positions[-1] - positions[0]) / (len(positions) - 1)
         slice_spacing = float(step @ normal)
-        expected = positions[0] + np.arange(len(positions))[:, None] * step
-        deviation = np.linalg.norm(positions - expected, axis=1)
-        if deviation.max() > _SLICE_STEP_TOLERANCE * slice_spacing + 1e-3:
-            k = int(np.argmax(deviation))
-            raise ScanError(
-                f"{names[order[k]]}: slice positions are not evenly spaced (gaps "
-                f"{np.unique(np.round(steps, 3)).tolist()} mm); a slice may be missing"
-            )
     else:
         slice_spacing = float(
-            reference.get("SpacingBetweenSlices") or reference.get("SliceThickness") or 1.0
+            headers[0].get("SpacingBetweenSlices") or headers[0].get("SliceThickness") or 1.0
         )
         step = normal * slice_spacing
     affine = np.eye(4)
@@ -920,6 +938,9 @@ def write_dicom(
     shared.LossyImageCompression = "00"
     shared.SeriesDate, shared.SeriesTime = created_date, created_time
     _copy_attributes(shared, source, _SERIES_LEVEL_COPY)
+    for isotope in shared.RadiopharmaceuticalInformationSequence:
+        if "RadionuclideCodeSequence" not in isotope:
+            isotope.RadionuclideCodeSequence = DicomSequence()  # Type 2 inside the item
     if "BodyPartExamined" not in shared and "Laterality" not in shared:
         shared.Laterality = ""
     if "StudyInstanceUID" not in shared or not shared.StudyInstanceUID:
