@@ -470,6 +470,8 @@ def _slice_values(path: Path) -> tuple[np.ndarray, Dataset]:
         ) from error
     if stored.shape != (dataset.Rows, dataset.Columns):
         raise ScanError(f"{path}: pixel data of shape {stored.shape}, expected one 2D slice")
+    # MONOCHROME1 only tells a viewer to invert the grey scale; a PET value is an activity
+    # whatever the display, so stored values are never inverted (GDCM, hence SimpleITK, does).
     slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
     values = stored.astype(np.float64) * slope + intercept
@@ -533,10 +535,21 @@ def _required(dataset: Dataset, keyword: str, source, context: str = "") -> obje
     return value
 
 
-def _datetime(date, time) -> datetime.datetime | None:
+def _parsed(parse, value, keyword: str, source):
+    """A DICOM DA/TM/DT value as a datetime object, or a ScanError naming the attribute."""
+    try:
+        return parse(str(value))
+    except ValueError as error:
+        raise ScanError(f"{source}: {keyword} {value!r} is not a valid DICOM date/time") from error
+
+
+def _datetime(header: Dataset, date_keyword: str, time_keyword: str, source):
+    date, time = header.get(date_keyword), header.get(time_keyword)
     if not date or not time:
         return None
-    return datetime.datetime.combine(DA(str(date)), TM(str(time)))
+    return datetime.datetime.combine(
+        _parsed(DA, date, date_keyword, source), _parsed(TM, time, time_keyword, source)
+    )
 
 
 def _suv_bw_factor(headers: Sequence[Dataset], source) -> float:
@@ -572,10 +585,10 @@ def _suv_bw_factor(headers: Sequence[Dataset], source) -> float:
         )
     acquisitions = [
         moment
-        for h in headers
-        if (moment := _datetime(h.get("AcquisitionDate"), h.get("AcquisitionTime")))
+        for header in headers
+        if (moment := _datetime(header, "AcquisitionDate", "AcquisitionTime", source))
     ]
-    scan_start = _datetime(first.get("SeriesDate"), first.get("SeriesTime"))
+    scan_start = _datetime(first, "SeriesDate", "SeriesTime", source)
     if acquisitions and (scan_start is None or scan_start > min(acquisitions)):
         scan_start = min(acquisitions)
     if scan_start is None:
@@ -584,10 +597,14 @@ def _suv_bw_factor(headers: Sequence[Dataset], source) -> float:
             "which are missing"
         )
     if isotope.get("RadiopharmaceuticalStartDateTime"):
-        injection = DT(str(isotope.RadiopharmaceuticalStartDateTime))
+        injection = _parsed(
+            DT, isotope.RadiopharmaceuticalStartDateTime, "RadiopharmaceuticalStartDateTime", source
+        )
     else:
         start_time = _required(isotope, "RadiopharmaceuticalStartTime", source, context)
-        injection = datetime.datetime.combine(scan_start.date(), TM(str(start_time)))
+        injection = datetime.datetime.combine(
+            scan_start.date(), _parsed(TM, start_time, "RadiopharmaceuticalStartTime", source)
+        )
         if injection > scan_start:  # injected before midnight, scanned after
             injection -= datetime.timedelta(days=1)
     # Scanner clocks rarely carry a time zone; compare wall-clock times.
@@ -648,10 +665,11 @@ def write_nifti(volume: Volume, path) -> Path:
     """Write `volume` as a float32 NIfTI file (`.nii` or `.nii.gz`) and return its path.
 
     `nifti[i, j, k] = data[k, j, i]` with the volume's affine (converted from LPS to RAS for
-    DICOM sources), so `read_volume` gives back the same array and geometry. Units go into the
-    header's description field (`units=BQML`), where `read_volume` finds them again. The file
-    appears complete or not at all (temporary name, then rename); an existing file is replaced,
-    except the volume's own source.
+    DICOM sources; a resized grid keeps the source's field of view, as in `write_dicom`), so
+    `read_volume` gives back the same array and geometry. Units go into the header's description
+    field (`units=BQML`), where `read_volume` finds them again. The file appears complete or not
+    at all (temporary name, then rename); an existing file is replaced, except the volume's own
+    source.
     """
     path = Path(path)
     if not _is_nifti(path):
@@ -660,7 +678,7 @@ def write_nifti(volume: Volume, path) -> Path:
     data = np.asarray(volume.data, np.float32)
     if not np.all(np.isfinite(data)):
         raise ScanError(f"{path}: the volume holds NaN or infinite values; nothing written")
-    affine = _affine_in(volume, "RAS")
+    affine = _LPS_TO_RAS @ _grid_affine(volume)
     image = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
     sform_code, qform_code = volume.meta.get("nifti_codes", (1, 1))
     image.header.set_sform(affine, code=int(sform_code) or 1)
@@ -813,8 +831,8 @@ def _dicom_units(units: str) -> tuple[str, str | None]:
     return units, None
 
 
-def _write_geometry(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice positions and the LPS affine of the grid being written.
+def _grid_affine(volume: Volume) -> np.ndarray:
+    """The LPS affine of the grid being written, `(i, j, k) -> mm`.
 
     When the in-plane size differs from the source headers while the volume still carries the
     source affine (e.g. a super-resolved volume made with `volume.replace(data=sr)`), the new
@@ -824,36 +842,24 @@ def _write_geometry(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """
     affine = _affine_in(volume, "LPS").copy()
     _, rows, columns = volume.data.shape
-    if volume.headers:
-        try:
-            _, source_affine, _ = _dicom_geometry(
-                volume.headers, [f"source header {k}" for k in range(len(volume.headers))]
-            )
-        except ScanError:
-            source_affine = None
-        source_size = (volume.headers[0].get("Rows"), volume.headers[0].get("Columns"))
-        if (
-            source_affine is not None
-            and source_size != (rows, columns)
-            and np.allclose(affine, source_affine, atol=1e-4)
-        ):
-            old_columns_axis, old_rows_axis = affine[:3, 0].copy(), affine[:3, 1].copy()
-            affine[:3, 0] = old_columns_axis * source_size[1] / columns
-            affine[:3, 1] = old_rows_axis * source_size[0] / rows
-            affine[:3, 3] += (affine[:3, 0] - old_columns_axis) / 2
-            affine[:3, 3] += (affine[:3, 1] - old_rows_axis) / 2
-    column_spacing, row_spacing = np.linalg.norm(affine[:3, :2], axis=0)
-    if min(column_spacing, row_spacing) <= 0:
-        raise ScanError("the volume's affine has a zero in-plane axis; cannot write DICOM")
-    row_direction = affine[:3, 0] / column_spacing
-    column_direction = affine[:3, 1] / row_spacing
-    if abs(row_direction @ column_direction) > 1e-4:
-        raise ScanError(
-            "the volume's in-plane axes are not perpendicular (sheared affine); DICOM cannot "
-            "store that geometry"
+    if not volume.headers:
+        return affine
+    source_size = (volume.headers[0].get("Rows"), volume.headers[0].get("Columns"))
+    if source_size == (rows, columns):
+        return affine
+    try:
+        _, source_affine, _ = _dicom_geometry(
+            volume.headers, [f"source header {k}" for k in range(len(volume.headers))]
         )
-    positions = affine[:3, 3] + np.arange(volume.data.shape[0])[:, None] * affine[:3, 2]
-    return positions, affine
+    except ScanError:
+        return affine  # headers without usable geometry: the affine is all there is
+    if not np.allclose(affine, source_affine, atol=1e-4):
+        return affine
+    old_columns_axis, old_rows_axis = affine[:3, 0].copy(), affine[:3, 1].copy()
+    affine[:3, 0] = old_columns_axis * source_size[1] / columns
+    affine[:3, 1] = old_rows_axis * source_size[0] / rows
+    affine[:3, 3] += (affine[:3, 0] - old_columns_axis) / 2 + (affine[:3, 1] - old_rows_axis) / 2
+    return affine
 
 
 def _quantise(values: np.ndarray, signed: bool) -> tuple[np.ndarray, float]:
@@ -913,10 +919,18 @@ def write_dicom(
     if len(series_description) > 64:
         raise ScanError(f"series_description is {len(series_description)} characters; max 64")
     units, suv_type = _dicom_units(volume.units)
-    positions, affine = _write_geometry(volume)
+    affine = _grid_affine(volume)
     column_spacing, row_spacing = np.linalg.norm(affine[:3, :2], axis=0)
+    if min(column_spacing, row_spacing) <= 0:
+        raise ScanError(f"{out_dir}: the volume's affine has a zero in-plane axis")
     orientation = np.concatenate([affine[:3, 0] / column_spacing, affine[:3, 1] / row_spacing])
+    if abs(orientation[:3] @ orientation[3:]) > 1e-4:
+        raise ScanError(
+            f"{out_dir}: the volume's in-plane axes are not perpendicular (sheared affine), "
+            "which DICOM cannot store"
+        )
     normal = np.cross(orientation[:3], orientation[3:])
+    positions = affine[:3, 3] + np.arange(n_slices)[:, None] * affine[:3, 2]
 
     headers = volume.headers or []
     source = headers[0] if headers else None
@@ -969,15 +983,12 @@ def write_dicom(
     shared.PixelRepresentation = int(signed)
     shared.RescaleIntercept = "0"
     if volume.series_uid:
-        shared.DerivationDescription = f"Derived by petsr_jax from series {volume.series_uid}"[
-            :1024
-        ]
+        shared.DerivationDescription = f"petsr_jax, from series {volume.series_uid}"
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
-    temporary.mkdir()
     names = [f"slice_{k + 1:04d}.dcm" for k in range(n_slices)]
     try:
+        temporary.mkdir(parents=True)
         for k in range(n_slices):
             dataset = copy.deepcopy(shared)
             slice_source = headers[k] if per_slice_source else source

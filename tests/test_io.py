@@ -250,6 +250,12 @@ def test_resized_write_keeps_field_of_view(tmp_path):
         atol=1e-6,
     )
     assert not np.allclose(image.GetOrigin(), ORIGIN)
+    # The NIfTI writer places the same grid at the same place.
+    io.write_nifti(source.replace(data=finer), tmp_path / "finer.nii.gz")
+    nifti_image = sitk.ReadImage(str(tmp_path / "finer.nii.gz"))
+    np.testing.assert_allclose(
+        affine_from_simpleitk(nifti_image), affine_from_simpleitk(image), atol=1e-4
+    )
     again = io.read_volume(tmp_path / "out")
     assert again.shape == (SLICES, rows, columns)
     step = finer.reshape(SLICES, -1).max(axis=1) / 65535
@@ -332,6 +338,14 @@ def test_dicom_to_nifti_keeps_world_geometry_and_masks_line_up(tmp_path):
     image = sitk.ReadImage(str(tmp_path / "pet.nii"))
     np.testing.assert_allclose(affine_from_simpleitk(image), volume.affine, atol=1e-4)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), volume.data)
+    # Integer label maps written by other tools keep their dtype and the same indexing.
+    labels = mask.transpose(2, 1, 0) * np.uint8(3)
+    nib.save(
+        nib.Nifti1Image(labels, nib.load(str(tmp_path / "pet.nii")).affine), tmp_path / "l.nii"
+    )
+    label_array, _ = io.read_nifti_array(tmp_path / "l.nii")
+    assert label_array.dtype == np.uint8
+    np.testing.assert_array_equal(label_array, mask * 3)
 
 
 def test_list_series_and_choosing_one(tmp_path):
@@ -527,6 +541,18 @@ def test_suv_names_the_missing_attribute(tmp_path, missing):
     volume = io.read_volume(tmp_path)
     assert "suv_factor" not in volume.meta
     with pytest.raises(io.ScanError, match=f"SUVbw needs {missing}"):
+        io.read_volume(tmp_path, units="SUVbw")
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR TM")  # pydicom notices it too
+def test_suv_names_a_malformed_time(tmp_path):
+    def edit(k, ds):
+        _suv_header("START")(k, ds)
+        ds.SeriesTime = "256000"
+
+    write_synthetic_series(tmp_path, edit=edit)
+    assert "suv_factor" not in io.read_volume(tmp_path).meta
+    with pytest.raises(io.ScanError, match="SeriesTime .256000. is not a valid DICOM"):
         io.read_volume(tmp_path, units="SUVbw")
 
 
