@@ -159,7 +159,8 @@ def read_nifti_array(path) -> tuple[np.ndarray, np.ndarray]:
     if not _is_nifti(path):
         raise ScanError(f"{path}: expected a NIfTI file (.nii or .nii.gz)")
     try:
-        image = nib.load(str(path))
+        # No memory map: the caller may overwrite the file while holding the array.
+        image = nib.load(str(path), mmap=False)
         voxels = np.asanyarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for broken files
         raise ScanError(f"{path}: cannot be read as NIfTI ({error})") from error

@@ -321,6 +321,32 @@ def test_nifti_read_matches_simpleitk_and_round_trips(tmp_path):
     assert io.read_volume(out).units == "unknown"
 
 
+@pytest.mark.parametrize("handedness", [1.0, -1.0], ids=["right-handed", "left-handed"])
+def test_nifti_to_dicom_keeps_world_geometry(tmp_path, handedness):
+    write_test_nifti(tmp_path / "pet.nii")
+    image = nib.load(str(tmp_path / "pet.nii"))
+    affine = image.affine @ np.diag([1.0, 1.0, handedness, 1.0])
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), str(tmp_path / "tilted.nii"))
+    nifti = io.read_volume(tmp_path / "tilted.nii")
+    io.write_dicom(nifti, tmp_path / "out")
+    dicom = io.read_volume(tmp_path / "out")
+    reference, dicom_image, _ = read_with_simpleitk(tmp_path / "out")
+
+    # DICOM orders slices along row x column cosines; a left-handed NIfTI grid comes back with
+    # its slice axis reversed, every voxel still at the same place in the patient.
+    expected_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ nifti.affine
+    expected_data = nifti.data
+    if np.linalg.det(nifti.affine[:3, :3]) < 0:
+        expected_affine[:3, 3] += (len(nifti.data) - 1) * expected_affine[:3, 2]
+        expected_affine[:3, 2] *= -1
+        expected_data = expected_data[::-1]
+    np.testing.assert_allclose(dicom.affine, expected_affine, atol=1e-4)
+    np.testing.assert_allclose(affine_from_simpleitk(dicom_image), expected_affine, atol=1e-4)
+    step = expected_data.reshape(len(expected_data), -1).max(axis=1) / 65535
+    assert np.all(np.abs(dicom.data - expected_data) <= step[:, None, None] / 2 + 1e-3)
+    assert np.all(np.abs(reference - expected_data) <= step[:, None, None] / 2 + 1e-3)
+
+
 def test_dicom_to_nifti_keeps_world_geometry_and_masks_line_up(tmp_path):
     write_synthetic_series(tmp_path / "in")
     volume = io.read_volume(tmp_path / "in")
