@@ -608,6 +608,27 @@ def test_writer_refuses_to_overwrite_or_write_into_the_input(tmp_path):
     assert len(list((tmp_path / "empty").iterdir())) == SLICES
 
 
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    volume = bare_volume()
+    save_as = Dataset.save_as
+    written = []
+
+    def save_then_fail(dataset, filename, **kwargs):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        written.append(filename)
+        save_as(dataset, filename, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_as", save_then_fail)
+    with pytest.raises(io.ScanError, match="No space left.*nothing written"):
+        io.write_dicom(volume, tmp_path / "out")
+    assert len(written) == 3 and list(tmp_path.iterdir()) == []
+    with pytest.raises(io.ScanError, match="refusing to write into the input"):
+        io.write_nifti(
+            volume.replace(meta={"source_path": str(tmp_path / "a.nii")}), tmp_path / "a.nii"
+        )
+
+
 @needs_nema
 def test_real_series_matches_simpleitk_and_survives_a_round_trip(tmp_path):
     volume = io.read_volume(NEMA_SERIES)
