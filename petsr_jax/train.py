@@ -78,7 +78,7 @@ def make_train_step(model, tx, scale: int):
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return train_step
 

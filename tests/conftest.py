@@ -8,6 +8,63 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from petsr_jax import perf  # noqa: E402
+
+perf.configure_cpu()  # the same XLA flags as the launch scripts (subprocess tests compare to us)
+
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """Slice caches and cohorts of a test run stay in its temporary folder."""
+    base = tmp_path_factory.getbasetemp()
+    monkeypatch.setenv("PETSR_CACHE_DIR", str(base / "slice_cache"))
+    monkeypatch.setenv("PETSR_DATA_DIR", str(base / "cohorts"))
+
+
+def blob_volume(seed: int, slices: int = 8, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """A small PET-like volume (smooth blobs, Bq/mL-sized values) and its 'brain' mask."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:slices, 0:size, 0:size].astype(np.float32)
+    vol = np.zeros((slices, size, size), np.float32)
+    for _ in range(6):
+        cz, cy, cx = rng.uniform([0, 8, 8], [slices, size - 8, size - 8])
+        r = rng.uniform(2, 6)
+        vol += rng.uniform(2e3, 1e4) * np.exp(
+            -((z - cz) ** 2 / 4 + (y - cy) ** 2 / r**2 + (x - cx) ** 2 / r**2)
+        )
+    vol += rng.uniform(0, 200, vol.shape).astype(np.float32)
+    mask = ((y - size / 2) ** 2 + (x - size / 2) ** 2 < (size / 3) ** 2) & (z >= 2)
+    return vol, mask.astype(np.uint8)
+
+
+def make_nifti_root(root, n_patients: int = 4, slices: int = 8, size: int = 32):
+    """A data root of NIfTI patients with brain masks, laid out as README 'Your own data' says."""
+    from petsr_jax import io
+    from petsr_jax.volume import Volume
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    for p in range(n_patients):
+        vol, mask = blob_volume(p, slices, size)
+        pid = f"pat-{p:02d}"
+        io.write_nifti(
+            Volume(vol, (2.0, 2.0, 2.0), units="BQML", patient_id=pid), root / f"{pid}.nii.gz"
+        )
+        io.write_nifti(
+            Volume(mask.astype(np.float32), (2.0, 2.0, 2.0), patient_id=pid),
+            root / "masks" / f"{pid}.nii.gz",
+        )
+    return root
+
+
+@pytest.fixture(scope="session")
+def nifti_root(tmp_path_factory):
+    return make_nifti_root(tmp_path_factory.mktemp("nifti_root"))

@@ -1,0 +1,220 @@
+"""The train step (degradation inside, loss decreasing, sharded = single device) and full runs
+(outputs written, resume = uninterrupted, NaN stop)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from petsr_jax import checkpoint, sharding, train
+from petsr_jax.config import build_config
+from petsr_jax.degrade import degrade
+from petsr_jax.models import SRCNN, DeepSR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _hr(n=4, size=24, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    imgs = [
+        np.exp(-((yy - rng.uniform(0.3, 0.7)) ** 2 + (xx - rng.uniform(0.3, 0.7)) ** 2) / 0.02)
+        for _ in range(n)
+    ]
+    return np.stack(imgs)[..., None].astype(np.float32)
+
+
+def _state(model, tx, hr):
+    params = model.init(jax.random.key(0), hr)["params"]
+    return train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0),
+    )
+
+
+def test_step_loss_is_mse_of_the_model_on_the_degraded_input():
+    model, tx = SRCNN(), optax.adam(1e-3)
+    hr = _hr()
+    state = _state(model, tx, hr)
+    _, metrics = train.make_train_step(model, tx, scale=4)(state, {"hr": jnp.asarray(hr)})
+    sr = model.apply({"params": state.params}, degrade(jnp.asarray(hr), 4))
+    np.testing.assert_allclose(metrics["loss"], np.mean((np.asarray(sr) - hr) ** 2), rtol=1e-5)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    model, tx = DeepSR(num_blocks=2, width=8), optax.adam(1e-3)
+    hr = jnp.asarray(_hr())
+    state = _state(model, tx, hr)
+    step = jax.jit(train.make_train_step(model, tx, scale=4))
+    losses = []
+    for _ in range(30):
+        state, m = step(state, {"hr": hr})
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert int(state.step) == 30
+
+
+def test_sharded_step_equals_single_device_step():
+    assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
+    model, tx = DeepSR(num_blocks=1, width=8), optax.adam(1e-3)
+    hr = _hr(n=8)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_mesh(devices)
+        state = sharding.replicate(_state(model, tx, hr), mesh)
+        step = train.jit_train_step(train.make_train_step(model, tx, scale=4), mesh)
+        for _ in range(3):
+            state, m = step(state, sharding.local_batch_to_global({"hr": hr}, mesh))
+        assert len(state.params["conv_in"]["kernel"].sharding.device_set) == len(devices)
+        results.append((jax.device_get(state.params), float(m["loss"])))
+    (p1, l1), (p4, l4) = results
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _config(root, **overrides):
+    arg = f"tiny,data.root={root}," + ",".join(f"{k}={v}" for k, v in overrides.items())
+    return build_config("srcnn", arg.rstrip(","))
+
+
+@pytest.fixture(scope="module")
+def finished_run(nifti_root, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    config = _config(nifti_root, **{"train.epochs": 2})
+    results = train.train_and_evaluate(config, workdir, progress=False)
+    return config, workdir, results
+
+
+def test_a_run_writes_every_output(finished_run):
+    config, workdir, results = finished_run
+    for name in (
+        "results.json",
+        "results.md",
+        "test_slices.png",
+        "test_scores.json",
+        "metrics.jsonl",
+        "config.json",
+        "split.json",
+    ):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["model"] == "srcnn" and on_disk["scale"] == 8
+    for image in ("bicubic", "sr"):
+        for metric in ("psnr", "ssim", "psnr_brain", "ssim_brain"):
+            assert np.isfinite(on_disk["test"][image][metric])
+    assert on_disk["test"]["per_patient"]
+    assert "| Output SR (multi-scale SRCNN) |" in (workdir / "results.md").read_text()
+    assert (workdir / "checkpoints").is_dir() and (workdir / "best").is_dir()
+
+
+def test_rerunning_a_finished_run_does_not_train_again(finished_run):
+    config, workdir, results = finished_run
+    before = (workdir / "metrics.jsonl").read_text()
+    assert train.train_and_evaluate(config, workdir, progress=False)["step"] == results["step"]
+    assert (workdir / "metrics.jsonl").read_text() == before
+
+
+def _final_params(workdir, config):
+    from petsr_jax.models import create_model
+
+    model = create_model(config)
+    like = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    return jax.device_get(checkpoint.restore_params(workdir, like, which="last"))
+
+
+def test_resumed_run_equals_uninterrupted_run(finished_run, nifti_root, tmp_path, monkeypatch):
+    config, workdir, _ = finished_run
+    real_jit = train.jit_train_step
+
+    def crashing(train_step, mesh):  # the process "dies" before step 6 (a checkpoint at 4)
+        jitted, calls = real_jit(train_step, mesh), []
+
+        def wrapped(state, batch):
+            calls.append(1)
+            if len(calls) > 5:
+                raise KeyboardInterrupt("simulated interruption")
+            return jitted(state, batch)
+
+        return wrapped
+
+    monkeypatch.setattr(train, "jit_train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    assert checkpoint.Checkpoints(tmp_path).latest_step() == 4
+    monkeypatch.undo()
+    train.train_and_evaluate(config, tmp_path, progress=False)
+    for a, b in zip(
+        jax.tree.leaves(_final_params(workdir, config)),
+        jax.tree.leaves(_final_params(tmp_path, config)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
+    nifti_root, tmp_path, monkeypatch
+):
+    config = _config(nifti_root, **{"train.epochs": 2, "train.log_every_steps": 1})
+    real_step = train.make_train_step
+
+    def poisoned(*args, **kwargs):
+        step = real_step(*args, **kwargs)
+
+        def wrapped(state, batch):
+            state, metrics = step(state, batch)
+            bad = jnp.where(state.step >= 6, jnp.nan, 1.0)
+            return state.replace(params=jax.tree.map(lambda p: p * bad, state.params)), {
+                **metrics,
+                "loss": metrics["loss"] * bad,
+            }
+
+        return wrapped
+
+    monkeypatch.setattr(train, "make_train_step", poisoned)
+    with pytest.raises(train.TrainingDiverged, match="loss became nan at step 6"):
+        train.train_and_evaluate(config, tmp_path, progress=False)
+    ckpts = checkpoint.Checkpoints(tmp_path)
+    assert ckpts.latest_step() == 4
+    params = _final_params(tmp_path, config)
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(params))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_kill_9_during_training_resumes_to_the_same_parameters(finished_run, tmp_path):
+    """A real `kill -9` of `launch/main.py`, then the same command again."""
+    config, workdir, _ = finished_run
+    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "main.py"),
+        f"--config={REPO / 'configs' / 'srcnn.py'}:tiny,data.root={config.data.root},"
+        "train.epochs=2",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "checkpoints" / "4").is_dir():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "results.json").exists()
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    for a, b in zip(
+        jax.tree.leaves(_final_params(workdir, config)),
+        jax.tree.leaves(_final_params(tmp_path, config)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
