@@ -182,6 +182,15 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     if _is_primary():
         report.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
         report.write_json_atomic(workdir / "split.json", split)
+        # What enhancement checks a new scan against (units, slice size).
+        report.write_json_atomic(
+            workdir / "data_info.json",
+            {
+                "units": train_set.units,
+                "image_size": list(train_set.hr.shape[1:]),
+                "root": str(root),
+            },
+        )
 
     mesh = sharding.make_mesh()
     model = create_model(config)
