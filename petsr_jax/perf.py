@@ -9,15 +9,21 @@ function to call first thing rather than a setting inside the library.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
 inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a whole
-volume, and the Grain training loader. FLOPs count 2 per multiply-add of every convolution of the
-forward pass, 3× that for a train step, exactly as `../shared/bench/torch_reference.py` does, so
-the two scripts' `gflops_per_s` compare directly.
+volume (`predict_volume`), and the Grain training loader of `petsr_jax.data`. FLOPs count 2 per
+multiply-add of every convolution of the forward pass, 3× that for a train step, exactly as
+`../shared/bench/torch_reference.py` does, so the two scripts' `gflops_per_s` compare directly.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,24 @@ CPU_XLA_FLAGS: dict[tuple[int, int], str] = {
 # Accelerator plugins whose presence means computations will not run on XLA:CPU.
 _ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm7-plugin", "libtpu")
 
+# Dense peak TFLOP/s per device kind (substring of `device.device_kind`, first match wins) and
+# compute dtype, from the vendors' data sheets. "float32" is the TF32 tensor-core peak, which is
+# what XLA uses for float32 convolutions on these GPUs at JAX's default matmul precision.
+PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200", {"bfloat16": 989.0, "float32": 494.0}),
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 494.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("L40S", {"bfloat16": 362.0, "float32": 183.0}),
+    ("A10G", {"bfloat16": 70.0, "float32": 35.0}),
+    ("V100", {"bfloat16": 125.0, "float32": 15.7}),  # no bf16 tensor cores; fp16 figure
+)
+
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+# --------------------------------------------------------------------------- XLA configuration
+
 
 def _jaxlib_version() -> tuple[int, int] | None:
     from importlib import metadata
@@ -49,7 +73,7 @@ def _accelerator_expected(environ) -> bool:
     """True when JAX will pick a GPU/TPU: an explicit platform list, else an installed plugin."""
     platforms = environ.get("JAX_PLATFORMS", environ.get("JAX_PLATFORM_NAME", ""))
     if platforms:
-        return platforms.split(",")[0].strip().lower() not in ("cpu", "")
+        return platforms.split(",")[0].strip().lower() != "cpu"
     from importlib import metadata
 
     for name in _ACCELERATOR_PLUGINS:
@@ -87,3 +111,422 @@ def configure_cpu(environ=None) -> str | None:
         return None
     environ["XLA_FLAGS"] = f"{current} {flags}".strip()
     return flags
+
+
+def ynn_fusions_in(compiled_text: str) -> bool:
+    """Whether a compiled program's HLO text still routes work through YNNPACK fusions."""
+    return "ynn_fusion" in compiled_text
+
+
+# ---------------------------------------------------------------------------- FLOPs and peaks
+
+
+def forward_flops_per_pixel(params) -> int:
+    """FLOPs per output pixel of one forward pass: 2 per multiply-add of every convolution.
+
+    Read from the kernels' shapes `[kh, kw, in, out]`, which holds because every convolution of
+    both networks is stride 1 with "SAME" padding, so each runs once per output pixel.
+    """
+    import jax
+
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if getattr(path[-1], "key", None) == "kernel" and len(leaf.shape) == 4:
+            kh, kw, cin, cout = leaf.shape
+            total += 2 * kh * kw * cin * cout
+    return total
+
+
+def peak_flops(device, dtype: str) -> float | None:
+    """Dense peak FLOP/s of `device` for compute `dtype`, or None when unknown (CPUs)."""
+    if device.platform == "cpu":
+        return None
+    kind = getattr(device, "device_kind", "")
+    for name, peaks in PEAK_TFLOPS:
+        if name in kind:
+            return peaks.get(dtype, peaks["float32"]) * 1e12
+    return None
+
+
+# -------------------------------------------------------------------------------- measurement
+
+
+def time_calls(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
+    """Wall seconds of `steps` calls of `fn` after `warmup` untimed ones.
+
+    `fn` must block until its work is done (return only after `block_until_ready`), so each
+    time covers the whole computation, as PyTorch's eager steps do.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def host_peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def peak_memory(device, compiled=None) -> dict:
+    """Peak memory: the device allocator's peak where it reports one (GPUs), else host RSS.
+
+    `xla_temp_bytes` is XLA's planned scratch for `compiled`, the part a layout or remat change
+    moves; it is the comparable figure across backends.
+    """
+    out: dict = {}
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "peak_bytes_in_use" in stats:
+        out["peak_memory_bytes"] = int(stats["peak_bytes_in_use"])
+        out["peak_memory_kind"] = "device"
+    else:
+        out["peak_memory_bytes"] = host_peak_rss_bytes()
+        out["peak_memory_kind"] = "host_rss"
+    if compiled is not None:
+        try:
+            analysis = compiled.memory_analysis()
+            out["xla_temp_bytes"] = int(analysis.temp_size_in_bytes)
+        except (AttributeError, NotImplementedError, RuntimeError):
+            pass
+    return out
+
+
+def _environment(device) -> dict:
+    import jax
+
+    return {
+        "framework": "jax",
+        "jax": jax.__version__,
+        "backend": device.platform,
+        "device": getattr(device, "device_kind", str(device)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _rates(result: dict, times: list[float], items: int, flops: float | None, device, dtype):
+    """Fill per-step time (median, like torch_reference.py), throughput, GFLOP/s and MFU."""
+    dt = statistics.median(times)
+    result["seconds_per_step"] = dt
+    result["seconds_per_step_min"] = min(times)
+    result["images_per_s"] = items / dt
+    if flops is None:
+        result["gflops_per_s"] = None
+        result["mfu"] = None
+        return result
+    result["gflops_per_s"] = flops / dt / 1e9
+    peak = peak_flops(device, dtype)
+    result["mfu"] = None if peak is None else flops / dt / peak
+    return result
+
+
+# ---------------------------------------------------------------------------- model benchmarks
+
+
+def bench_config(model: str, blocks: int, precision: str, *, remat: bool = False, scale: int = 8):
+    """The project config for a benchmark run (the paper's networks at a given depth)."""
+    from petsr_jax.config import build_config
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
+    arg = f"scale={scale},compute_dtype={PRECISIONS[precision]}"
+    if model == "deepsr":
+        arg += f",model.num_blocks={blocks},model.remat={remat}"
+    return build_config(model, arg)
+
+
+def benchmark_train(
+    model: str = "deepsr",
+    blocks: int = 20,
+    size: int = 96,
+    batch: int = 4,
+    *,
+    precision: str = "fp32",
+    steps: int = 5,
+    warmup: int = 2,
+    remat: bool = False,
+    donate: bool = True,
+    scale: int = 8,
+    seed: int = 0,
+) -> dict:
+    """Images/s, GFLOP/s and memory of the project's train step on random `size`² slices.
+
+    The step is `petsr_jax.train.make_train_step` (degrade inside, MSE, Adam), jitted as
+    training jits it (`train.jit_train_step`: state donated) unless `donate=False`.
+    """
+    import jax
+    import numpy as np
+
+    from petsr_jax import sharding, train
+    from petsr_jax.models import count_params, create_model
+
+    config = bench_config(model, blocks, precision, remat=remat, scale=scale)
+    net = create_model(config)
+    tx = train.make_optimizer(config)
+    state = train.init_state(config, net, tx, size)
+    step_fn = train.make_train_step(net, tx, scale)
+    if donate:
+        mesh = sharding.make_mesh()
+        state = sharding.replicate(state, mesh)
+        jitted = train.jit_train_step(step_fn, mesh)
+    else:
+        jitted = jax.jit(step_fn)
+    hr = np.random.default_rng(seed).random((batch, size, size, 1), np.float32)
+    batch_arrays = {"hr": jax.device_put(hr)}
+    compiled = jitted.lower(state, batch_arrays).compile()
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch_arrays)
+        metrics["loss"].block_until_ready()
+
+    times = time_calls(one_step, steps, warmup)
+    device = jax.devices()[0]
+    flops = 3 * forward_flops_per_pixel(state.params) * size * size * batch
+    result = {
+        **_environment(device),
+        "model": model,
+        "blocks": blocks if model == "deepsr" else None,
+        "size": size,
+        "batch": batch,
+        "mode": "train",
+        "precision": precision,
+        "remat": remat,
+        "donate": donate,
+        "scale": scale,
+        "steps": steps,
+        "params": count_params(state.params),
+        "ynn_fusions": ynn_fusions_in(compiled.as_text()),
+    }
+    _rates(result, times, batch, flops, device, PRECISIONS[precision])
+    result.update(peak_memory(device, compiled))
+    return result
+
+
+def _model_and_params(model: str, blocks: int, precision: str, size: int, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+
+    from petsr_jax.models import create_model
+
+    config = bench_config(model, blocks, precision)
+    net = create_model(config)
+    dummy = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
+    params = net.init(jax.random.PRNGKey(seed), dummy)["params"]
+    return net, params
+
+
+def benchmark_infer(
+    model: str = "deepsr",
+    blocks: int = 20,
+    size: int = 384,
+    batch: int = 1,
+    *,
+    precision: str = "fp32",
+    steps: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Forward-pass images/s and GFLOP/s on a resident batch (torch_reference.py's infer)."""
+    import jax
+    import numpy as np
+
+    from petsr_jax.models import count_params
+
+    net, params = _model_and_params(model, blocks, precision, size, seed)
+    forward = jax.jit(lambda p, x: net.apply({"params": p}, x))
+    x = jax.device_put(np.random.default_rng(seed).random((batch, size, size, 1), np.float32))
+    compiled = forward.lower(params, x).compile()
+    times = time_calls(lambda: compiled(params, x).block_until_ready(), steps, warmup)
+    device = jax.devices()[0]
+    result = {
+        **_environment(device),
+        "model": model,
+        "blocks": blocks if model == "deepsr" else None,
+        "size": size,
+        "batch": batch,
+        "mode": "infer",
+        "precision": precision,
+        "steps": steps,
+        "params": count_params(params),
+        "ynn_fusions": ynn_fusions_in(compiled.as_text()),
+    }
+    flops = forward_flops_per_pixel(params) * size * size * batch
+    _rates(result, times, batch, flops, device, PRECISIONS[precision])
+    result.update(peak_memory(device, compiled))
+    return result
+
+
+def make_batched_forward(apply_fn: Callable, params, batch_size: int):
+    """`run(slices) -> sr` over `[N, H, W]` numpy slices, `batch_size` slices on device at once.
+
+    Every batch has the same shape (the last is zero-padded), so one program is compiled; batch
+    k+1 is dispatched before batch k is copied back, so the host copy overlaps the computation
+    and at most two batches' activations are alive. `apply_fn(params, x)` maps NHWC to NHWC.
+    """
+    import jax
+    import numpy as np
+
+    forward = jax.jit(apply_fn)
+
+    def run(slices) -> np.ndarray:
+        n, h, w = slices.shape
+        out = np.empty((n, h, w), np.float32)
+        pending: tuple[int, int, jax.Array] | None = None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            chunk = np.zeros((batch_size, h, w, 1), np.float32)
+            chunk[: stop - start, ..., 0] = slices[start:stop]
+            result = forward(params, chunk)  # asynchronous: returns before the work is done
+            if pending is not None:
+                p_start, p_stop, p_result = pending
+                out[p_start:p_stop] = np.asarray(p_result)[: p_stop - p_start, ..., 0]
+            pending = (start, stop, result)
+        if pending is not None:
+            p_start, p_stop, p_result = pending
+            out[p_start:p_stop] = np.asarray(p_result)[: p_stop - p_start, ..., 0]
+        return out
+
+    return run
+
+
+def benchmark_volume(
+    model: str = "deepsr",
+    blocks: int = 20,
+    size: int = 384,
+    batch: int = 4,
+    *,
+    slices: int = 89,
+    precision: str = "fp32",
+    steps: int = 2,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Slices/s of a whole `[slices, size, size]` volume through the network, in slice batches.
+
+    Timed from host numpy to host numpy, the way enhancing a scan runs.
+    """
+    import jax
+    import numpy as np
+
+    from petsr_jax.models import count_params
+
+    net, params = _model_and_params(model, blocks, precision, size, seed)
+    run = make_batched_forward(lambda p, x: net.apply({"params": p}, x), params, batch)
+    volume = np.random.default_rng(seed).random((slices, size, size), np.float32)
+    times = time_calls(lambda: run(volume), steps, warmup)
+    device = jax.devices()[0]
+    result = {
+        **_environment(device),
+        "model": model,
+        "blocks": blocks if model == "deepsr" else None,
+        "size": size,
+        "batch": batch,
+        "slices": slices,
+        "mode": "volume",
+        "precision": precision,
+        "steps": steps,
+        "params": count_params(params),
+    }
+    flops = forward_flops_per_pixel(params) * size * size * slices
+    _rates(result, times, slices, flops, device, PRECISIONS[precision])
+    result["seconds_per_volume"] = result["seconds_per_step"]
+    result["slices_per_s"] = result["images_per_s"]
+    result.update(peak_memory(device))
+    return result
+
+
+# ------------------------------------------------------------------------------ data pipeline
+
+
+def _batches_per_second(iterator: Iterable, batches: int, warmup: int) -> list[float]:
+    it = iter(iterator)
+    for _ in range(warmup):
+        next(it)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(it)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def benchmark_loader(
+    size: int = 384,
+    batch: int = 16,
+    *,
+    crop: int = 0,
+    num_slices: int = 178,
+    workers: int = 0,
+    steps: int = 50,
+    warmup: int = 5,
+    seed: int = 0,
+) -> dict:
+    """High-resolution slices/s of the training loader (`petsr_jax.data`) over a memory map.
+
+    The slices live in a temporary `.npy` file opened memory-mapped, as training's slice cache
+    is, and go through the same random crop, flips and batching. Per-batch times are summed into
+    slices/s, so a prefetching loader (`workers > 0`) shows its steady-state rate.
+    """
+    import numpy as np
+
+    from petsr_jax import data
+
+    with tempfile.TemporaryDirectory(prefix="petsr_loader_bench_") as tmp:
+        path = os.path.join(tmp, "hr.npy")
+        hr = np.lib.format.open_memmap(
+            path, mode="w+", dtype=np.float32, shape=(num_slices, size, size)
+        )
+        hr[:] = np.random.default_rng(seed).random(hr.shape, np.float32)
+        hr.flush()
+        del hr
+        ds = data.train_dataset(
+            data.SliceSource(path), batch_size=batch, seed=seed, crop_size=crop, flip=True
+        )
+        times = _batches_per_second(data.train_iterator(ds, workers), steps, warmup)
+    total = sum(times)
+    side = crop or size
+    return {
+        "framework": "grain",
+        "mode": "loader",
+        "size": size,
+        "crop": crop,
+        "batch": batch,
+        "workers": workers,
+        "steps": steps,
+        "seconds_per_step": total / steps,
+        "images_per_s": steps * batch / total,
+        "slices_per_s": steps * batch / total,
+        "megabytes_per_s": steps * batch * side * side * 4 / total / 1e6,
+        "gflops_per_s": None,
+    }
+
+
+def format_result(r: dict) -> str:
+    """One human-readable line per result, in torch_reference.py's order of figures."""
+    if r["mode"] == "loader":
+        return (
+            f"grain loader {r['size']}² crop {r['crop'] or 'none'} b{r['batch']} "
+            f"workers {r['workers']}: {r['slices_per_s']:.1f} slices/s, "
+            f"{r['megabytes_per_s']:.0f} MB/s, {r['seconds_per_step'] * 1e3:.1f} ms/batch"
+        )
+    what = f"jax {r['model']} {r['mode']} {r['size']}x{r['size']} b{r['batch']} {r['precision']}"
+    if r["mode"] == "volume":
+        what += f" ({r['slices']} slices)"
+    rate = "slices/s" if r["mode"] == "volume" else "img/s"
+    ms = r["seconds_per_step"] * 1e3
+    mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+    mem = r.get("peak_memory_bytes")
+    mem_text = f"{mem / 2**30:.2f} GiB ({r['peak_memory_kind']})" if mem else "n/a"
+    if "xla_temp_bytes" in r:
+        mem_text += f", XLA temp {r['xla_temp_bytes'] / 2**30:.2f} GiB"
+    per = "ms/volume" if r["mode"] == "volume" else "ms/step"
+    return (
+        f"{what}: {r['images_per_s']:.2f} {rate}, {r['gflops_per_s']:.1f} GFLOP/s, "
+        f"{ms:.1f} {per}, MFU {mfu}, peak memory {mem_text}, params {r['params']:,}"
+    )
