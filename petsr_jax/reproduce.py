@@ -1,0 +1,732 @@
+"""The paper's results in one call: Tables 1–3, Figures 2–5 and a report, from six runs.
+
+`reproduce(scales=(8, 12, 16), quick=False)` trains multi-scale SRCNN and DeepSR at every scale
+(or reuses their finished workdirs: `train.train_and_evaluate` skips a finished run and resumes an
+interrupted one), then writes into the output folder:
+
+    table{1,2,3}_x{8,12,16}.md   rows "Input LR (N× + bicubic)", "Output SR from multi-scale
+                                 SRCNN", "Output SR from DeepSR"; PSNR, SSIM, LPIPS as mean ± std
+                                 over test slices, with the paper's published numbers beside them
+    figure{2,3,4}_x{8,12,16}.png test slices of different patients: bicubic | SRCNN | DeepSR |
+                                 original (the same slices for both models)
+    figure5_enhancement.png      original slice | SRCNN(original) | DeepSR(original) | T1 MR, with
+                                 the 8× models applied to the undegraded image
+    results.json                 every number of the tables, the runs and the settings
+    report.md                    tables, figures, commands, run times and settings
+
+The bicubic row of a table is measured once per run, by the SRCNN run and by the DeepSR run of
+the same scale; both share the test split and the one `degrade()`, so the two measurements must
+agree. `reproduce` checks that they do and stops with `ReproduceError` otherwise: a mismatch means
+the runs did not see the same test data, and no table built from them would be a comparison.
+
+Each run lives in `<runs>/<model>_x<scale>[_quick][_tiny][_<hash of key=value overrides>]`, so a
+quick run never answers for a full one. A workdir whose `config.json` differs from the config
+asked for in a field that changes results is refused rather than silently reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shlex
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from petsr_jax import checkpoint, data, evaluate, report, sharding, train
+from petsr_jax.config import FLAGS, build_config, validate
+from petsr_jax.models import create_model
+
+log = logging.getLogger(__name__)
+
+MODELS = ("srcnn", "deepsr")
+PAPER_SCALES = (8, 12, 16)
+TABLE_NUMBER = {8: 1, 12: 2, 16: 3}
+FIGURE_NUMBER = {8: 2, 12: 3, 16: 4}
+ENHANCEMENT_SCALE = 8  # the paper's Figure 5 applies the 8×-trained models
+
+MODEL_ROW = {"srcnn": "Output SR from multi-scale SRCNN", "deepsr": "Output SR from DeepSR"}
+MODEL_SHORT = {"srcnn": "SRCNN", "deepsr": "DeepSR"}
+METRICS = (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("lpips", "LPIPS", 3))
+
+# Özaltan et al., Tables 1–3: averages over 441 test slices of 9 patients of their private
+# 33-patient Signa PET/MR dataset. Kept as the published strings (Table 3 prints 3 decimals).
+PAPER_TABLES = {
+    8: {
+        "bicubic": ("30.53", "0.889", "0.152"),
+        "srcnn": ("32.66", "0.926", "0.119"),
+        "deepsr": ("33.63", "0.936", "0.108"),
+    },
+    12: {
+        "bicubic": ("25.97", "0.796", "0.271"),
+        "srcnn": ("26.71", "0.822", "0.246"),
+        "deepsr": ("27.46", "0.861", "0.182"),
+    },
+    16: {
+        "bicubic": ("22.799", "0.699", "0.356"),
+        "srcnn": ("23.433", "0.714", "0.343"),
+        "deepsr": ("24.118", "0.774", "0.266"),
+    },
+}
+PAPER_SOURCE = (
+    "published averages of Özaltan et al. (Tables 1–3) over 441 test slices of 9 patients of "
+    "their private 33-patient GE Signa PET/MR dataset; a different dataset, shown for reference"
+)
+
+# Config fields that change what a run measures. A reused workdir must agree on all of them;
+# the others (logging cadence, loader workers, cluster set-up, evaluation batch size, where the
+# LPIPS weights live, how many figure slices) do not change a number in the tables.
+IGNORED_FIELDS = (
+    "data.num_workers",
+    "distributed.",
+    "eval.batch_size",
+    "eval.lpips_weights",
+    "eval.num_figure_slices",
+    "train.log_every_steps",
+    "train.keep_checkpoints",
+)
+
+# Relative tolerance for "the two bicubic measurements agree". A different test set or
+# degradation moves PSNR by tenths of a dB; float reassociation between two compilations by
+# ~1e-7. The tables print 0.01 dB.
+BICUBIC_RTOL = 1e-5
+
+
+class ReproduceError(RuntimeError):
+    """The runs cannot make the paper's tables; the message names the workdir and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What `reproduce` runs and where it writes.
+
+    Attributes:
+      scales: downscaling factors, one table and one figure each (the paper: 8, 12, 16).
+      quick: each config's `quick` flag (small cohort, short training: a 2-core CPU in ~1 h).
+      config_arg: further config arg for both models, e.g. `"tiny,train.epochs=2"`; it may not
+        set `scale` (that is `scales`).
+      runs_dir: parent of the six workdirs.
+      out_dir: where tables, figures and report.md go.
+    """
+
+    scales: tuple[int, ...] = PAPER_SCALES
+    quick: bool = False
+    config_arg: str = ""
+    runs_dir: Path = Path("runs")
+    out_dir: Path = Path("reports/paper")
+
+    def model_arg(self, scale: int) -> str:
+        """The config arg of one run: `quick`, the user's arg, then the scale."""
+        tokens = (["quick"] if self.quick else []) + _tokens(self.config_arg) + [f"scale={scale}"]
+        return ",".join(tokens)
+
+    def command(self) -> str:
+        """The `launch/reproduce.py` command line that runs these settings."""
+        parts = ["python", "launch/reproduce.py"]
+        if self.quick:
+            parts.append("--quick")
+        parts += [
+            f"--scales={','.join(str(s) for s in self.scales)}",
+            f"--runs={self.runs_dir}",
+            f"--out={self.out_dir}",
+        ]
+        if self.config_arg:
+            parts.append(f"--config_arg={self.config_arg}")
+        return shlex.join(parts)
+
+
+def _tokens(arg: str) -> list[str]:
+    return [t.strip() for t in (arg or "").split(",") if t.strip()]
+
+
+def run_name(model: str, scale: int, settings: Settings) -> str:
+    """`<model>_x<scale>`, then the config flags, then a hash of any `key=value` overrides.
+
+    The name separates protocols (full, quick, tiny, other overrides), so `reproduce` with one
+    protocol never reuses a run of another; the hash keeps names short when overrides name long
+    paths, and is stable across processes (unlike `hash()`).
+    """
+    tokens = (["quick"] if settings.quick else []) + _tokens(settings.config_arg)
+    flags = sorted({t for t in tokens if "=" not in t})
+    overrides = sorted(t for t in tokens if "=" in t)
+    name = f"{model}_x{scale}" + "".join(f"_{f}" for f in flags)
+    if overrides:
+        name += "_" + hashlib.sha1(",".join(overrides).encode()).hexdigest()[:8]
+    return name
+
+
+def build_configs(settings: Settings) -> dict[tuple[str, int], object]:
+    """(model, scale) → validated, locked config; every problem reported before any training."""
+    if not settings.scales:
+        raise ReproduceError("scales: expected at least one downscaling factor, e.g. 8,12,16")
+    if len(set(settings.scales)) != len(settings.scales):
+        raise ReproduceError(f"scales: {settings.scales} names a scale twice")
+    for token in _tokens(settings.config_arg):
+        key = token.split("=", 1)[0].strip()
+        if "=" in token and key == "scale":
+            raise ReproduceError(
+                f"config_arg {settings.config_arg!r} sets scale; give the scales with --scales"
+            )
+        if "=" not in token and token not in FLAGS:
+            raise ReproduceError(
+                f"config_arg {settings.config_arg!r}: unknown flag {token!r}; flags: "
+                f"{', '.join(sorted(FLAGS))}"
+            )
+    configs = {}
+    for scale in settings.scales:
+        for model in MODELS:
+            try:
+                config = build_config(model, settings.model_arg(scale))
+                validate(config)
+            except (KeyError, ValueError) as e:
+                raise ReproduceError(f"{model} at {scale}×: {e}") from e
+            configs[(model, scale)] = config
+    return configs
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(recorded: dict, config) -> list[str]:
+    """`field: recorded → asked` for every result-changing field where a workdir's config.json
+    and `config` disagree."""
+    asked = _flatten(json.loads(config.to_json()))
+    have = _flatten(recorded)
+    diffs = []
+    for key in sorted(set(asked) | set(have)):
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in IGNORED_FIELDS):
+            continue
+        if asked.get(key) != have.get(key):
+            diffs.append(f"{key}: {have.get(key, '<absent>')!r} → {asked.get(key, '<absent>')!r}")
+    return diffs
+
+
+def check_reusable(workdir: Path, config) -> None:
+    """Refuse a workdir that was started with a config that measures something else."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReproduceError(f"{path} is unreadable ({e}); move the workdir away") from e
+    diffs = config_differences(recorded, config)
+    if diffs:
+        raise ReproduceError(
+            f"{workdir} was trained with a different config; reusing it would report another "
+            "protocol. Differences (recorded → asked):\n  " + "\n  ".join(diffs) + "\n"
+            "Use another --runs folder, or move that workdir away."
+        )
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """One run as `reproduce` found and left it."""
+
+    model: str
+    scale: int
+    workdir: Path
+    status: str  # "reused" (finished before), "trained" (from scratch) or "resumed"
+    wall_s: float  # seconds spent in train_and_evaluate by this call
+    results: dict
+
+    def main_command(self, settings: Settings) -> str:
+        """The `launch/main.py` command that trains this run alone."""
+        return shlex.join(
+            [
+                "python",
+                "launch/main.py",
+                f"--config=configs/{self.model}.py:{settings.model_arg(self.scale)}",
+                f"--workdir={self.workdir}",
+            ]
+        )
+
+
+def run_all(settings: Settings, configs: dict, *, progress: bool = True) -> dict:
+    """(model, scale) → `RunRecord`: train what is missing, resume what was cut, reuse the rest."""
+    records = {}
+    for (model, scale), config in configs.items():
+        workdir = (Path(settings.runs_dir) / run_name(model, scale, settings)).absolute()
+        check_reusable(workdir, config)
+        results_path = workdir / "results.json"
+        before = results_path.stat().st_mtime_ns if results_path.exists() else None
+        resumable = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
+        t0 = time.perf_counter()
+        results = train.train_and_evaluate(config, workdir, progress=progress)
+        wall = time.perf_counter() - t0
+        after = results_path.stat().st_mtime_ns if results_path.exists() else None
+        if before is not None and before == after:
+            status = "reused"
+        else:
+            status = "resumed" if resumable else "trained"
+        log.info("%s %d×: %s in %.1f s (%s)", model, scale, status, wall, workdir)
+        records[(model, scale)] = RunRecord(model, scale, workdir, status, wall, results)
+    return records
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReproduceError(f"cannot read {path}: {e}") from e
+
+
+def check_bicubic_agrees(srcnn: RunRecord, deepsr: RunRecord) -> None:
+    """The two runs of a scale measured the same bicubic baseline, slice by slice.
+
+    Compares the test slices (patient, slice index) and every per-slice bicubic score of
+    `test_scores.json`, then the summary of `results.json`; raises `ReproduceError` naming both
+    workdirs and the first disagreement.
+    """
+    where = f"{srcnn.workdir} and {deepsr.workdir}"
+    split_a, split_b = (_read_json(r.workdir / "split.json") for r in (srcnn, deepsr))
+    if split_a.get("test") != split_b.get("test"):
+        raise ReproduceError(
+            f"{where} have different test patients ({split_a.get('test')} vs "
+            f"{split_b.get('test')}); the tables need both models on the same test split"
+        )
+    scores_a, scores_b = (_read_json(r.workdir / "test_scores.json") for r in (srcnn, deepsr))
+    for key in ("patient", "slice_index"):
+        if scores_a.get(key) != scores_b.get(key):
+            raise ReproduceError(f"{where}: the test slices differ ({key} lists disagree)")
+    keys = sorted(k for k in set(scores_a) | set(scores_b) if k.startswith("bicubic/"))
+    for key in keys:
+        if key not in scores_a or key not in scores_b:
+            continue  # LPIPS computed by one run only: nothing to compare
+        a, b = np.asarray(scores_a[key], float), np.asarray(scores_b[key], float)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=BICUBIC_RTOL, atol=0):
+            worst = int(np.argmax(np.abs(a - b))) if a.shape == b.shape else 0
+            raise ReproduceError(
+                f"bicubic {key.split('/')[1]} differs between {where} (slice {worst}: "
+                f"{a.flat[worst]!r} vs {b.flat[worst]!r}); both runs must degrade the same "
+                "test slices with the same degrade(). Retrain one of them in a fresh workdir."
+            )
+    summary_a, summary_b = srcnn.results["test"]["bicubic"], deepsr.results["test"]["bicubic"]
+    for metric in sorted(set(summary_a) & set(summary_b)):
+        if not np.isclose(summary_a[metric], summary_b[metric], rtol=BICUBIC_RTOL, atol=0):
+            raise ReproduceError(
+                f"bicubic {metric} in results.json differs between {where}: "
+                f"{summary_a[metric]!r} vs {summary_b[metric]!r}"
+            )
+
+
+def lpips_note(config, test: dict) -> str | None:
+    """Why a run's results hold no LPIPS (None when they do)."""
+    if "lpips" in test.get("sr", {}):
+        return None
+    if not config.eval.lpips:
+        return "not computed: eval.lpips=false"
+    return test.get("lpips_unavailable", "LPIPS unavailable")
+
+
+def _cell(entry: dict, metric: str, digits: int, missing: str) -> str:
+    if metric not in entry:
+        return f"n/a ({missing})" if missing else "n/a"
+    return f"{entry[metric]:.{digits}f} ± {entry[metric + '_std']:.{digits}f}"
+
+
+def table_rows(scale: int, srcnn: RunRecord, deepsr: RunRecord, configs: dict) -> list[dict]:
+    """The three rows of a scale's table: label, our numbers, the paper's numbers."""
+    rows = []
+    for key, label, record in (
+        ("bicubic", f"Input LR ({scale}× + bicubic)", srcnn),
+        ("srcnn", MODEL_ROW["srcnn"], srcnn),
+        ("deepsr", MODEL_ROW["deepsr"], deepsr),
+    ):
+        test = record.results["test"]
+        entry = test["bicubic" if key == "bicubic" else "sr"]
+        note = lpips_note(configs[(record.model, scale)], test)
+        rows.append(
+            {
+                "image": key,
+                "label": label,
+                "ours": {k: entry[k] for m, _, _ in METRICS for k in (m, f"{m}_std") if k in entry},
+                "lpips_note": note,
+                "paper": PAPER_TABLES.get(scale, {}).get(key),
+                "cells": [_cell(entry, m, d, note if m == "lpips" else "") for m, _, d in METRICS],
+            }
+        )
+    return rows
+
+
+def table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> str:
+    """A scale's table as markdown, captioned with what was measured on what."""
+    number = TABLE_NUMBER.get(scale)
+    title = f"Table {number}" if number else "Table"
+    test = srcnn.results["test"]
+    has_paper = scale in PAPER_TABLES
+    header = ["Image"] + [label for _, label, _ in METRICS]
+    if has_paper:
+        header += [f"Paper {label}" for _, label, _ in METRICS]
+    lines = [
+        f"### {title}: {scale}× downscaled simulation",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [row["label"]] + row["cells"] + (list(row["paper"]) if has_paper else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Ours: mean ± std over {test['num_slices']} test slices of {test['num_patients']} "
+        "patients, images normalised per volume to [0, 1]."
+        + (f" Paper columns: {PAPER_SOURCE}." if has_paper else " The paper has no table here."),
+    ]
+    notes = {row["lpips_note"] for row in rows if row["lpips_note"]}
+    if notes:
+        lines.append("LPIPS: " + "; ".join(sorted(notes)) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _restored_params(record: RunRecord, config, mesh, image_size: int):
+    model = create_model(config)
+    init = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32))
+    like = sharding.replicate(init["params"], mesh)
+    params = checkpoint.restore_params(record.workdir, like, which="best")
+    return model, sharding.replicate(params, mesh)
+
+
+def _test_set(config, workdir: Path) -> tuple[Path, data.SliceSet]:
+    root = data.resolve_root(config)
+    split = _read_json(workdir / "split.json")
+    test_set = data.build_slice_set(
+        root, split["test"], eval_split=True, rule=config.data.eval_slices
+    )
+    return root, test_set
+
+
+def image_grid(path: Path, columns: Sequence[tuple[str, np.ndarray]], row_labels, *, t1_cols=()):
+    """PNG grid: one row per slice, one column per (title, images [N, H, W]); returns its shape.
+
+    PET panels of a row share one grey scale, 0 to that row's original maximum, so the columns
+    compare by eye. Columns named in `t1_cols` (MR) are scaled to their own 1st–99th percentile;
+    a `None` image there draws an empty panel saying there is no MR for that slice.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(row_labels), len(columns)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3 * n_cols, 3 * n_rows), squeeze=False)
+    pet = [images for title, images in columns if title not in t1_cols]
+    for i in range(n_rows):
+        vmax = max(float(np.max(images[i])) for images in pet) or 1.0
+        for j, (title, images) in enumerate(columns):
+            ax = axes[i, j]
+            image = images[i]
+            if title in t1_cols:
+                if image is None:
+                    ax.text(0.5, 0.5, "no T1 MR", ha="center", va="center", transform=ax.transAxes)
+                else:
+                    lo, hi = np.percentile(image, (1, 99))
+                    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
+            else:
+                ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
+            ax.set_title(title if i == 0 else "")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(row_labels[i])
+    fig.tight_layout()
+    report.save_figure_atomic(fig, path, dpi=100)
+    plt.close(fig)
+    return n_rows, n_cols
+
+
+def scale_figure(scale, records, configs, mesh, path: Path) -> dict:
+    """Figures 2–4: the same test slices, bicubic | SRCNN | DeepSR | original."""
+    config = configs[("srcnn", scale)]
+    _, test_set = _test_set(config, records[("srcnn", scale)].workdir)
+    picks = report.figure_slices(test_set, config.eval.num_figure_slices)
+    hr = np.asarray(test_set.hr[picks], np.float32)
+    outputs = {}
+    for model_name in MODELS:
+        model, params = _restored_params(
+            records[(model_name, scale)], configs[(model_name, scale)], mesh, hr.shape[1]
+        )
+        outputs[model_name] = evaluate.predict_slices(
+            params, hr, model=model, scale=scale, mesh=mesh
+        )
+    lr_up = outputs["srcnn"][0]
+    labels = [f"{test_set.patient[i]} z={int(test_set.slice_index[i])}" for i in picks]
+    shape = image_grid(
+        path,
+        [
+            (f"{scale}× + bicubic", lr_up),
+            ("SRCNN", outputs["srcnn"][1]),
+            ("DeepSR", outputs["deepsr"][1]),
+            ("original", hr),
+        ],
+        labels,
+    )
+    return {"path": path.name, "rows": shape[0], "cols": shape[1], "slices": labels}
+
+
+def enhance_slices(model, params, hr: np.ndarray) -> np.ndarray:
+    """A model applied to [N, H, W] slices as they are (no degradation): Figure 5's use."""
+    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return np.asarray(apply(params, jnp.asarray(hr, jnp.float32)[..., None]))[..., 0]
+
+
+def enhancement_figure(scale, records, configs, mesh, path: Path) -> dict:
+    """Figure 5: original | SRCNN(original) | DeepSR(original) | T1 MR of the same slice."""
+    config = configs[("srcnn", scale)]
+    root, test_set = _test_set(config, records[("srcnn", scale)].workdir)
+    picks = report.figure_slices(test_set, config.eval.num_figure_slices)
+    hr = np.asarray(test_set.hr[picks], np.float32)
+    enhanced = {}
+    for model_name in MODELS:
+        model, params = _restored_params(
+            records[(model_name, scale)], configs[(model_name, scale)], mesh, hr.shape[1]
+        )
+        enhanced[model_name] = enhance_slices(model, params, hr)
+    patients = data.list_patients(root)
+    t1_by_patient = {}
+    for pid in dict.fromkeys(test_set.patient[picks].tolist()):
+        t1_by_patient[pid] = data.load_patient(root, pid, patients[pid]).t1
+    t1 = [
+        None
+        if t1_by_patient[test_set.patient[i]] is None
+        else np.asarray(t1_by_patient[test_set.patient[i]][int(test_set.slice_index[i])])
+        for i in picks
+    ]
+    labels = [f"{test_set.patient[i]} z={int(test_set.slice_index[i])}" for i in picks]
+    shape = image_grid(
+        path,
+        [
+            ("original (input)", hr),
+            (f"SRCNN ({scale}× model)", enhanced["srcnn"]),
+            (f"DeepSR ({scale}× model)", enhanced["deepsr"]),
+            ("T1 MR", t1),
+        ],
+        labels,
+        t1_cols=("T1 MR",),
+    )
+    return {
+        "path": path.name,
+        "rows": shape[0],
+        "cols": shape[1],
+        "slices": labels,
+        "scale": scale,
+        "has_t1": [x is not None for x in t1],
+    }
+
+
+def figure_name(scale: int) -> str:
+    number = FIGURE_NUMBER.get(scale)
+    return f"figure{number}_x{scale}.png" if number else f"figure_x{scale}.png"
+
+
+def table_name(scale: int) -> str:
+    number = TABLE_NUMBER.get(scale)
+    return f"table{number}_x{scale}.md" if number else f"table_x{scale}.md"
+
+
+def _lpips_availability(configs) -> str:
+    from petsr_jax import lpips
+
+    weights = next(iter(configs.values())).eval.lpips_weights or None
+    found, where = lpips.lpips_availability(weights, allow_download=False)
+    return where if found else f"weights not found locally: {where.splitlines()[0]}"
+
+
+def _data_description(config) -> str:
+    if config.data.root:
+        return f"data root {config.data.root}"
+    return (
+        f"embedded synthetic cohort, preset {config.data.cohort!r} (seed {config.data.cohort_seed})"
+    )
+
+
+def report_markdown(settings, configs, records, tables, figures, enhancement, meta) -> str:
+    """report.md: settings, tables, figures, commands and run times."""
+    any_config = configs[("srcnn", settings.scales[0])]
+    protocol = "quick (each config's `quick` flag)" if settings.quick else "full paper protocol"
+    lines = [
+        "# Deep Convolutional Networks for PET Super-Resolution — reproduction",
+        "",
+        "## Settings",
+        "",
+        f"- Protocol: {protocol}"
+        + (f", config arg `{settings.config_arg}`" if settings.config_arg else ""),
+        f"- Data: {_data_description(any_config)}; split `{any_config.data.split}` "
+        f"(train,val,test patients, seed {any_config.data.split_seed}); evaluation slices "
+        f"`{any_config.data.eval_slices}`",
+        f"- Scales: {', '.join(f'{s}×' for s in settings.scales)}",
+        f"- LPIPS: {meta['lpips']}",
+        f"- Devices: {meta['devices']}",
+        "",
+        "| model | scale | epochs | lr | batch | crop | blocks × width | parameters |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, scale), config in configs.items():
+        depth = f"{config.model.num_blocks} × {config.model.width}" if model == "deepsr" else "—"
+        lines.append(
+            f"| {MODEL_SHORT[model]} | {scale}× | {config.train.epochs} | {config.train.lr:g} | "
+            f"{config.train.batch_size} | {config.data.crop_size or 'whole slice'} | {depth} | "
+            f"{records[(model, scale)].results['num_params']:,} |"
+        )
+    lines += ["", "## Tables", ""]
+    for scale in settings.scales:
+        lines += [tables[scale], ""]
+    lines += ["## Figures", ""]
+    for scale in settings.scales:
+        fig = figures[scale]
+        number = FIGURE_NUMBER.get(scale)
+        lines += [
+            f"**{'Figure ' + str(number) if number else 'Figure'}** ({scale}×): test slices of "
+            f"different patients ({', '.join(fig['slices'])}); bicubic | SRCNN | DeepSR | "
+            f"original. File: `{fig['path']}`",
+            "",
+            f"![{scale}× comparison]({fig['path']})",
+            "",
+        ]
+    if enhancement is not None:
+        note = (
+            ""
+            if enhancement["scale"] == ENHANCEMENT_SCALE
+            else f" (no {ENHANCEMENT_SCALE}× run was asked for; using the {enhancement['scale']}× "
+            "models)"
+        )
+        missing_t1 = "" if all(enhancement["has_t1"]) else " Some patients have no T1 MR."
+        lines += [
+            f"**Figure 5** (enhancement): original test slices given to the "
+            f"{enhancement['scale']}×-trained models as they are, without degradation{note}; "
+            f"original | SRCNN | DeepSR | T1 MR of the same slice.{missing_t1} "
+            f"File: `{enhancement['path']}`",
+            "",
+            f"![enhancement]({enhancement['path']})",
+            "",
+        ]
+    lines += [
+        "## Commands",
+        "",
+        "```",
+        f"{meta['command']}",
+        "```",
+        "",
+        "Each run alone (same workdirs):",
+        "",
+        "```",
+        *[r.main_command(settings) for r in records.values()],
+        "```",
+        "",
+        "## Run times",
+        "",
+        f"This call: {meta['wall_s']:.0f} s in total.",
+        "",
+        "| model | scale | workdir | this call | steps | best step | training time (s) | "
+        "wall time this call (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records.values():
+        lines.append(
+            f"| {MODEL_SHORT[r.model]} | {r.scale}× | `{r.workdir}` | {r.status} | "
+            f"{r.results['step']} | {r.results['best_step']} | {r.results['train_time_s']:.1f} | "
+            f"{r.wall_s:.1f} |"
+        )
+    lines += [
+        "",
+        "Training time: the train steps as the run timed them (a resumed run counts only its "
+        "last segment). Wall time this call: data loading, compilation, training, evaluation and "
+        "outputs; near zero for a reused run.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(
+    settings: Settings | None = None,
+    *,
+    progress: bool = True,
+    command: str | None = None,
+    **kwargs,
+) -> dict:
+    """Train or reuse the runs, then write the tables, figures and report; return the summary.
+
+    `reproduce(scales=(8,), quick=True)` or `reproduce(Settings(...))`. Returns the dict written
+    to `<out>/results.json`: settings, tables (our and the paper's numbers), figures and runs.
+    """
+    t_start = time.perf_counter()
+    settings = settings or Settings(**kwargs)
+    settings = dataclasses.replace(
+        settings,
+        scales=tuple(int(s) for s in settings.scales),
+        runs_dir=Path(settings.runs_dir),
+        out_dir=Path(settings.out_dir),
+    )
+    configs = build_configs(settings)
+    records = run_all(settings, configs, progress=progress)
+
+    tables, table_data = {}, {}
+    for scale in settings.scales:
+        srcnn, deepsr = records[("srcnn", scale)], records[("deepsr", scale)]
+        check_bicubic_agrees(srcnn, deepsr)
+        rows = table_rows(scale, srcnn, deepsr, configs)
+        tables[scale] = table_markdown(scale, rows, srcnn)
+        table_data[scale] = [{k: v for k, v in row.items() if k != "cells"} for row in rows]
+
+    mesh = sharding.make_mesh()
+    out = settings.out_dir
+    figures = {
+        scale: scale_figure(scale, records, configs, mesh, out / figure_name(scale))
+        for scale in settings.scales
+    }
+    enhancement_scale = (
+        ENHANCEMENT_SCALE if ENHANCEMENT_SCALE in settings.scales else min(settings.scales)
+    )
+    enhancement = enhancement_figure(
+        enhancement_scale, records, configs, mesh, out / "figure5_enhancement.png"
+    )
+    meta = {
+        "command": command or settings.command(),
+        "lpips": _lpips_availability(configs),
+        "devices": f"{jax.device_count()} × {jax.devices()[0].device_kind}",
+        "wall_s": time.perf_counter() - t_start,
+    }
+    summary = {
+        "settings": {
+            "scales": list(settings.scales),
+            "quick": settings.quick,
+            "config_arg": settings.config_arg,
+            "runs_dir": str(settings.runs_dir),
+            "data": _data_description(configs[("srcnn", settings.scales[0])]),
+            **meta,
+        },
+        "paper_source": PAPER_SOURCE,
+        "tables": {str(scale): table_data[scale] for scale in settings.scales},
+        "figures": {str(scale): figures[scale] for scale in settings.scales},
+        "enhancement": enhancement,
+        "runs": [
+            {
+                "model": r.model,
+                "scale": r.scale,
+                "workdir": str(r.workdir),
+                "status": r.status,
+                "wall_s": round(r.wall_s, 1),
+                "step": r.results["step"],
+                "train_time_s": r.results["train_time_s"],
+            }
+            for r in records.values()
+        ],
+    }
+    if jax.process_index() == 0:
+        for scale in settings.scales:
+            report.write_atomic(out / table_name(scale), tables[scale].encode())
+        report.write_json_atomic(out / "results.json", summary)
+        text = report_markdown(settings, configs, records, tables, figures, enhancement, meta)
+        report.write_atomic(out / "report.md", text.encode())
+    return summary
