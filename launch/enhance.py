@@ -1,0 +1,157 @@
+"""Apply a trained model to scans and write the results as new DICOM series and/or NIfTI files.
+
+python launch/enhance.py --workdir=runs/deepsr_x8 --input=scan_dicom/ --output=enhanced/
+python launch/enhance.py --workdir=runs/deepsr_x8 --input=patients/ --output=out/ \
+    --mode=reconstruct --format=both
+
+--input is a DICOM series folder, a NIfTI file, or a folder of patients (one DICOM folder or
+NIfTI file each, as a data root). Each patient gets `<output>/<name>/` (DICOM) and/or
+`<output>/<name>.nii.gz`, in the input's physical units and geometry. --mode=enhance applies the
+network to the scan as it is; --mode=reconstruct degrades it by the model's scale first and
+prints PSNR / SSIM of bicubic and SR against the original. Everything that would be refused (an
+output inside the input, an existing output, an input in other units than the training data) is
+refused before the first file is written.
+"""
+
+from petsr_jax import perf
+
+perf.configure_cpu()  # before JAX starts: XLA CPU flags (no-op on GPUs)
+
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from petsr_jax import checkpoint, data, inference, io, metrics  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+_INPUT = flags.DEFINE_string("input", None, "DICOM series folder, NIfTI file or patients folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder that receives one output per patient.")
+_MODE = flags.DEFINE_enum(
+    "mode", "enhance", inference.MODES, "enhance: the scan as it is; reconstruct: degrade first."
+)
+_FORMAT = flags.DEFINE_enum(
+    "format", "auto", inference.FORMATS, "Output format; auto = the format of each input scan."
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 0, "Slices per device call (0 = the run's eval.batch_size)."
+)
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ("best", "last"), "Which params to use.")
+
+
+def reconstruction_scores(hr, bicubic, sr) -> dict[str, float]:
+    """Mean PSNR / SSIM over slices of normalised [N, H, W] arrays, whole slice, vs `hr`.
+
+    All-zero slices of the original (air above the head) are left out: their PSNR is infinite
+    for bicubic and says nothing about the model.
+    """
+    keep = np.flatnonzero(np.asarray(hr).reshape(len(hr), -1).max(axis=1) > 0)
+    scores = {"slices": int(len(keep))}
+    if not len(keep):
+        return scores
+    hr_k = hr[keep][..., None]
+    for name, image in (("bicubic", bicubic), ("sr", sr)):
+        scores[f"{name}/psnr"] = float(np.mean(metrics.psnr(image[keep][..., None], hr_k)))
+        if min(hr.shape[1:]) >= metrics.SSIM_WINDOW:
+            scores[f"{name}/ssim"] = float(np.mean(metrics.ssim(image[keep][..., None], hr_k)))
+    return scores
+
+
+def _format_scores(name: str, scores: dict) -> str:
+    cells = [f"{name:<24} {scores['slices']:>6}"]
+    for key in ("bicubic/psnr", "sr/psnr", "bicubic/ssim", "sr/ssim"):
+        value = scores.get(key)
+        cells.append(f"{value:>12.4f}" if value is not None else f"{'n/a':>12}")
+    return " ".join(cells)
+
+
+def _enhance_one(sr, volume, mode: str, progress) -> tuple[io.Volume, dict | None]:
+    """The output volume of one patient and, in reconstruct mode, its scores."""
+    # The network's range, as training saw it: the volume divided by its maximum.
+    normalised, factor = data.normalise(volume.data)
+    if mode == "enhance":
+        restored, scores = sr.enhance_normalised(normalised, progress=progress), None
+    else:
+        bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress)
+        scores = reconstruction_scores(normalised, bicubic, restored)
+    return volume.replace(data=data.denormalise(restored, factor)), scores
+
+
+def _write(job, volume, description: str) -> list[str]:
+    written = []
+    if job.dicom_dir is not None:
+        io.write_dicom(
+            volume,
+            job.dicom_dir,
+            series_description=description,
+            series_number=inference.series_number(volume),
+        )
+        written.append(str(job.dicom_dir))
+    if job.nifti_path is not None:
+        io.write_nifti(volume, job.nifti_path)
+        written.append(str(job.nifti_path))
+    return written
+
+
+def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, which) -> int:
+    """Enhance every patient of `input_path`; print what was written (and scores)."""
+    jobs = inference.plan_outputs(input_path, output_dir, output_format)
+    sr = inference.load(workdir, which=which, batch_size=batch_size or None)
+    # Every scan is read and checked before the first output is written, so an input the model
+    # does not fit leaves nothing behind. Only a single scan is kept between the two passes.
+    kept = None
+    for job in jobs:
+        volume = io.read_volume(job.source)
+        for problem in sr.check_input(volume, name=str(job.source)):
+            logging.warning("%s", problem)
+        kept = volume if len(jobs) == 1 else None
+    description = sr.describe(mode)
+    print(f"{sr!r}: {mode} {len(jobs)} scan(s) → {output_dir} ({description!r})")
+    all_scores = []
+    for job in tqdm(jobs, unit="patient", desc=mode, disable=len(jobs) == 1):
+        volume = kept if kept is not None else io.read_volume(job.source)
+        with tqdm(total=volume.shape[0], unit="slice", desc=job.name, leave=False) as bar:
+            result, scores = _enhance_one(sr, volume, mode, bar.update)
+        for path in _write(job, result, description):
+            tqdm.write(f"{job.name}: wrote {path}")
+        if scores is not None:
+            all_scores.append((job.name, scores))
+    if all_scores:
+        print(
+            f"\nReconstruction (degraded ×{sr.scale}, then recovered) vs the original: "
+            "normalised range, whole slice, mean over non-empty slices"
+        )
+        header = ["patient", "slices", "bicubic PSNR", "SR PSNR", "bicubic SSIM", "SR SSIM"]
+        print(f"{header[0]:<24} {header[1]:>6} " + " ".join(f"{h:>12}" for h in header[2:]))
+        for name, scores in all_scores:
+            print(_format_scores(name, scores))
+    return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        return run(
+            _WORKDIR.value,
+            _INPUT.value,
+            _OUTPUT.value,
+            mode=_MODE.value,
+            output_format=_FORMAT.value,
+            batch_size=_BATCH_SIZE.value,
+            which=_CHECKPOINT.value,
+        )
+    except (
+        inference.InferenceError,
+        io.ScanError,
+        data.DataError,
+        checkpoint.CheckpointError,
+    ) as error:
+        print(f"enhance.py: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir", "input", "output"])
+    app.run(main)

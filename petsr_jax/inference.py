@@ -1,0 +1,485 @@
+"""Trained models applied to scans: `load(workdir)` → a `SuperResolver`, and output planning.
+
+    import petsr_jax
+    sr = petsr_jax.load("runs/deepsr_x8")          # config.json + best params, no flags
+    enhanced = sr(petsr_jax.io.read_volume("scan/"))  # a Volume in, a Volume out
+    bicubic, restored = sr.reconstruct(volume)      # degrade ×scale first, then recover
+
+The networks map a bicubic-upscaled image to its restored version at the same size, so there
+are two ways to use one on a scan:
+
+* enhance (`sr(x)`, the paper's Fig. 5): the network is applied to the scan as it is, to sharpen
+  a scan beyond its acquired resolution;
+* reconstruct (`sr.reconstruct(x)`, the paper's Tables 1–3): the scan is first degraded by the
+  model's scale with the project's one `degrade()` and then recovered, which shows how much of
+  a known original the model gets back.
+
+Inputs and outputs are in physical units. Each call normalises its input the way training did
+(`data.normalise`: divided by the volume's maximum), runs the network on batches of slices
+through one jitted function (compiled once per slice shape, any H × W, nothing padded in plane),
+and multiplies the result back (`data.denormalise`), so outputs come back in the input's units.
+
+The module also holds what `launch/enhance.py` decides before any work starts: which patients an
+input holds, where each one's output goes, and which outputs it must refuse to write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from petsr_jax import checkpoint, data
+from petsr_jax.degrade import degrade
+from petsr_jax.models import create_model
+from petsr_jax.volume import Volume
+
+MODES = ("enhance", "reconstruct")
+FORMATS = ("auto", "dicom", "nifti", "both")
+# Units that say nothing about the data; a model trained on them is not checked against inputs.
+_UNCHECKED_UNITS = frozenset({"unknown", "mixed", "", None})
+# DICOM SeriesDescription is a 64-character LO element.
+_MAX_DESCRIPTION = 64
+# Derived series are numbered after their source, so viewers list them beside it.
+_SERIES_NUMBER_OFFSET = 1000
+
+
+class InferenceError(ValueError):
+    """A workdir, input or output that enhancement cannot use; the message says which and why."""
+
+
+class IncompatibleInput(InferenceError):
+    """An input the model was not trained for (units, channels); nothing was computed."""
+
+
+class Reconstruction(NamedTuple):
+    """What `SuperResolver.reconstruct` returns: the degraded input and the model's recovery."""
+
+    bicubic: np.ndarray | Volume
+    sr: np.ndarray | Volume
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load(workdir, *, which: str = "best", batch_size: int | None = None) -> SuperResolver:
+    """The trained model of a workdir, ready to apply to slices, volumes and scans.
+
+    Reads `config.json` (written when the run started) and restores the params with Orbax:
+    `which="best"` takes the best validation checkpoint and falls back to the latest full state,
+    `"last"` takes the latest state. No absl flags are needed. `batch_size` (slices per device
+    call) defaults to the run's `eval.batch_size`.
+
+    Raises:
+      InferenceError: the folder is not a training workdir.
+      petsr_jax.checkpoint.CheckpointError: it holds no restorable checkpoint for its config.
+    """
+    workdir = Path(workdir)
+    config = read_config(workdir)
+    model = create_model(config)
+    like = _abstract_params(model, int(config.model.get("in_channels", 1)))
+    try:
+        params = checkpoint.restore_params(workdir, like, which=which)
+    except checkpoint.CheckpointError:
+        raise
+    except Exception as error:  # Orbax raises many types for corrupt or mismatched trees
+        raise checkpoint.CheckpointError(
+            f"{workdir}: cannot restore the {which} params for the model in config.json "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    return SuperResolver(
+        config, params, workdir=workdir, data_info=read_data_info(workdir), batch_size=batch_size
+    )
+
+
+def read_config(workdir) -> ml_collections.ConfigDict:
+    """The locked config a run was trained with, from `<workdir>/config.json`."""
+    path = Path(workdir) / "config.json"
+    if not Path(workdir).is_dir():
+        raise InferenceError(f"{workdir}: no such workdir")
+    if not path.is_file():
+        raise InferenceError(
+            f"{path}: missing; a training workdir gets config.json when launch/main.py starts "
+            "the run"
+        )
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InferenceError(f"{path}: cannot be read as JSON ({error})") from error
+    for section, key in (("model", "name"), (None, "scale")):
+        holder = fields.get(section, {}) if section else fields
+        if not isinstance(holder, dict) or key not in holder:
+            name = f"{section}.{key}" if section else key
+            raise InferenceError(f"{path}: field {name} is missing; not a petsr_jax config")
+    config = ml_collections.ConfigDict(fields)
+    config.lock()
+    return config
+
+
+def read_data_info(workdir) -> dict | None:
+    """`<workdir>/data_info.json` ({"units", "image_size", "root"}), or None when absent."""
+    path = Path(workdir) / "data_info.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InferenceError(f"{path}: cannot be read as JSON ({error})") from error
+
+
+def _abstract_params(model, in_channels: int):
+    """Shapes, dtypes and placement of the params, without running the initialiser."""
+    dummy = jax.ShapeDtypeStruct((1, 16, 16, in_channels), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+# --------------------------------------------------------------------------------------------
+# Applying
+# --------------------------------------------------------------------------------------------
+
+
+def _as_slices(x) -> tuple[np.ndarray, Callable]:
+    """`x` as float32 `[N, H, W]` slices, and a function giving results back in `x`'s kind."""
+    if isinstance(x, Volume):
+        return x.data, lambda out: x.replace(data=out)
+    array = np.asarray(x, np.float32)
+    if array.ndim == 2:
+        return array[None], lambda out: out[0]
+    if array.ndim == 3:
+        return array, lambda out: out
+    raise InferenceError(
+        f"expected a 2D slice [H, W], a stack of slices [slices, H, W] or a Volume, got an "
+        f"array of shape {array.shape}"
+    )
+
+
+def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress) -> list:
+    """`fn(params, nhwc)` over `[N, H, W]` slices, `batch_size` at a time; numpy outputs.
+
+    Every batch has one shape (the last is zero-filled), so each slice shape compiles once.
+    Batch k+1 is dispatched before batch k is copied back, overlapping the copy with the work
+    while at most two batches are alive on the device.
+    """
+    n, h, w = slices.shape
+    size = max(1, min(batch_size, n))
+    outputs: list[np.ndarray] | None = None
+    pending = None
+
+    def collect(start, stop, result):
+        nonlocal outputs
+        result = result if isinstance(result, tuple) else (result,)
+        if outputs is None:
+            outputs = [np.empty((n, h, w), np.float32) for _ in result]
+        for out, r in zip(outputs, result, strict=True):
+            out[start:stop] = np.asarray(r)[: stop - start, ..., 0]
+        if progress is not None:
+            progress(stop - start)
+
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        chunk = np.zeros((size, h, w, 1), np.float32)
+        chunk[: stop - start, ..., 0] = slices[start:stop]
+        result = fn(params, chunk)  # asynchronous: returns before the work is done
+        if pending is not None:
+            collect(*pending)
+        pending = (start, stop, result)
+    if pending is not None:
+        collect(*pending)
+    return outputs or [np.empty((0, h, w), np.float32)]
+
+
+class SuperResolver:
+    """A trained network with its config: `sr(x)` enhances, `sr.reconstruct(x)` degrades first.
+
+    `x` is a 2D slice `[H, W]`, a stack `[slices, H, W]` or a `Volume`, in physical units; the
+    result is the same kind, shape and units (a Volume keeps its geometry, headers and meta).
+
+    Attributes:
+      config: the run's locked config. params: the restored network params.
+      model: the Flax module. scale: the downscaling factor the model was trained for.
+      workdir: where it was loaded from (None when built from params directly).
+      data_info: the training data's {"units", "image_size", "root"}, or None when unknown.
+      batch_size: slices per device call.
+    """
+
+    def __init__(self, config, params, *, workdir=None, data_info=None, batch_size=None):
+        self.config = config
+        self.params = params
+        self.model = create_model(config)
+        self.scale = int(config.scale)
+        self.workdir = None if workdir is None else Path(workdir)
+        self.data_info = data_info
+        self.batch_size = int(batch_size or config.eval.batch_size)
+        if self.batch_size < 1:
+            raise InferenceError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        model, scale = self.model, self.scale
+        self._enhance = jax.jit(lambda p, lr_up: model.apply({"params": p}, lr_up))
+
+        def reconstruct(p, hr):
+            lr_up = degrade(hr, scale)
+            return lr_up, model.apply({"params": p}, lr_up)
+
+        self._reconstruct = jax.jit(reconstruct)
+
+    def __repr__(self) -> str:
+        where = f", workdir={str(self.workdir)!r}" if self.workdir else ""
+        return f"SuperResolver({self.config.model.name}, scale={self.scale}{where})"
+
+    @property
+    def trained_units(self) -> str | None:
+        """Units of the training data, or None when the workdir does not say."""
+        return None if self.data_info is None else self.data_info.get("units")
+
+    def describe(self, mode: str = "enhance") -> str:
+        """What produced an output, short enough for a DICOM SeriesDescription (64 chars)."""
+        text = f"SR {self.config.model.name} x{self.scale} {mode}"
+        if self.workdir is not None:
+            text += f" {self.workdir.resolve().name}"
+        return text[:_MAX_DESCRIPTION]
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check_channels(self) -> None:
+        in_channels = int(self.config.model.get("in_channels", 1))
+        if in_channels != 1:
+            raise IncompatibleInput(
+                f"the model takes {in_channels} input channels (PET plus {in_channels - 1} prior "
+                "image(s), config model.in_channels) but enhancement supplies the PET only"
+            )
+
+    def check_input(self, volume: Volume, name: str | None = None) -> list[str]:
+        """Refuse a volume this model does not fit; return warnings about what cannot be checked.
+
+        Per-volume normalisation removes a global unit factor, but the model learned the
+        intensity distribution of its training data, so a scan in other units (e.g. SUV for a
+        Bq/mL-trained model) is refused rather than silently enhanced. A different slice size
+        only warns: the networks are fully convolutional.
+
+        Raises:
+          IncompatibleInput: channels or units do not fit; the message names the input.
+        """
+        name = name or str(volume.meta.get("source_path", volume.patient_id))
+        self._check_channels()
+        problems = []
+        trained = self.trained_units
+        if self.data_info is None:
+            problems.append(
+                f"{name}: the workdir has no data_info.json, so the training data's units are "
+                f"unknown; accepting {volume.units} input unchecked"
+            )
+        elif trained in _UNCHECKED_UNITS:
+            problems.append(
+                f"{name}: the training data's units are {trained!r}; accepting {volume.units} "
+                "input unchecked"
+            )
+        elif volume.units in _UNCHECKED_UNITS:
+            problems.append(
+                f"{name}: the input does not state its units; the model was trained on "
+                f"{trained} data"
+            )
+        elif volume.units != trained:
+            hint = ""
+            if trained == "SUVbw" and "suv_factor" in volume.meta:
+                hint = "; io.read_volume(path, units='SUVbw') converts this scan to SUVbw"
+            raise IncompatibleInput(
+                f"{name}: the input is in {volume.units} but the model was trained on {trained} "
+                f"data (units in {self.workdir or 'the workdir'}/data_info.json){hint}"
+            )
+        size = None if self.data_info is None else self.data_info.get("image_size")
+        if size and list(volume.shape[1:]) != list(size):
+            problems.append(
+                f"{name}: slices are {volume.shape[1]}x{volume.shape[2]} but the model was "
+                f"trained on {size[0]}x{size[1]} slices; check that the pixel size is comparable"
+            )
+        return problems
+
+    # -- the two modes ----------------------------------------------------------------------
+
+    def enhance_normalised(self, slices, *, batch_size=None, progress=None) -> np.ndarray:
+        """The network applied to `[N, H, W]` slices already in its normalised range."""
+        self._check_channels()
+        slices = np.asarray(slices, np.float32)
+        (out,) = _run_in_batches(
+            self._enhance, self.params, slices, batch_size or self.batch_size, progress
+        )
+        return out
+
+    def reconstruct_normalised(self, slices, *, batch_size=None, progress=None):
+        """(bicubic, sr) for `[N, H, W]` normalised slices: `degrade(·, scale)`, then the net."""
+        self._check_channels()
+        slices = np.asarray(slices, np.float32)
+        bicubic, sr = _run_in_batches(
+            self._reconstruct, self.params, slices, batch_size or self.batch_size, progress
+        )
+        return bicubic, sr
+
+    def __call__(self, x, *, batch_size: int | None = None, progress=None):
+        """Enhance `x` (slice, stack or Volume) at its own resolution; same kind and units.
+
+        A Volume is checked first (`check_input`: refused when its units do not fit, warnings
+        for what cannot be checked). `progress(n)` is called after every `n` slices.
+        """
+        if isinstance(x, Volume):
+            for problem in self.check_input(x):
+                warnings.warn(problem, stacklevel=2)
+        slices, rebuild = _as_slices(x)
+        normalised, factor = _normalise(slices)
+        out = self.enhance_normalised(normalised, batch_size=batch_size, progress=progress)
+        return rebuild(data.denormalise(out, factor))
+
+    def reconstruct(self, x, *, batch_size: int | None = None, progress=None) -> Reconstruction:
+        """Degrade `x` by the model's scale, then recover it: `Reconstruction(bicubic, sr)`.
+
+        Both come back in `x`'s kind and units; `bicubic` is exactly the network's input
+        (`degrade` of the normalised `x`, scaled back).
+        """
+        if isinstance(x, Volume):
+            for problem in self.check_input(x):
+                warnings.warn(problem, stacklevel=2)
+        slices, rebuild = _as_slices(x)
+        normalised, factor = _normalise(slices)
+        bicubic, sr = self.reconstruct_normalised(
+            normalised, batch_size=batch_size, progress=progress
+        )
+        return Reconstruction(
+            rebuild(data.denormalise(bicubic, factor)), rebuild(data.denormalise(sr, factor))
+        )
+
+
+def _normalise(slices: np.ndarray) -> tuple[np.ndarray, float]:
+    if not np.all(np.isfinite(slices)):
+        raise InferenceError("the input holds NaN or infinite values")
+    try:
+        return data.normalise(slices)
+    except data.DataError as error:
+        raise InferenceError(f"{error}: an all-zero or negative input cannot be enhanced") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Planning outputs (launch/enhance.py)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EnhanceJob:
+    """One patient of an input: where its scan is and the output paths it will get."""
+
+    name: str
+    source: Path
+    dicom_dir: Path | None
+    nifti_path: Path | None
+
+    @property
+    def targets(self) -> list[Path]:
+        return [p for p in (self.dicom_dir, self.nifti_path) if p is not None]
+
+
+def _holds_dicom_files(folder: Path) -> bool:
+    """Whether DICOM files sit directly in `folder` (a series folder, not a patients root)."""
+    from pydicom.misc import is_dicom
+
+    return any(p.is_file() and is_dicom(p) for p in folder.iterdir())
+
+
+def input_patients(input_path) -> dict[str, Path]:
+    """Name → scan path of every scan an input holds.
+
+    A NIfTI file or a folder with DICOM files in it is one scan, named after the file stem or
+    the folder; any other folder is a patients root read as `data.list_patients` reads a data
+    root (one DICOM folder or NIfTI file per patient; masks/, t1/, labels/, lesions/ skipped).
+    """
+    path = Path(input_path)
+    if not path.exists():
+        raise InferenceError(f"{path}: no such file or folder")
+    if path.is_file():
+        name = path.name
+        for ext in (".nii.gz", ".nii"):
+            if name.lower().endswith(ext):
+                return {name[: -len(ext)]: path}
+        raise InferenceError(
+            f"{path}: not a NIfTI file (.nii / .nii.gz); for DICOM, give the series folder"
+        )
+    if _holds_dicom_files(path):
+        return {path.resolve().name: path}
+    try:
+        return data.list_patients(path)
+    except data.DataError as error:
+        raise InferenceError(str(error)) from None
+
+
+def plan_outputs(input_path, output_dir, output_format: str = "auto") -> list[EnhanceJob]:
+    """The outputs of enhancing `input_path` into `output_dir`, refused before anything is done.
+
+    Per patient: `<output_dir>/<name>/` (a DICOM series) and/or `<output_dir>/<name>.nii.gz`,
+    so the output folder is itself a data root. `output_format` "auto" writes each scan in its
+    input format. Refused: an output folder inside (or equal to) an input folder, an output that
+    would replace an input file, and any patient output that already exists and is not empty.
+    """
+    if output_format not in FORMATS:
+        raise InferenceError(f"format: expected one of {', '.join(FORMATS)}, got {output_format!r}")
+    input_path = Path(input_path)
+    output_dir = Path(output_dir)
+    patients = input_patients(input_path)
+    out_resolved = output_dir.resolve()
+    in_resolved = input_path.resolve()
+    inside = out_resolved == in_resolved or in_resolved in out_resolved.parents
+    if in_resolved.is_dir() and inside:
+        raise InferenceError(
+            f"{output_dir}: is inside the input {input_path}; choose an output folder outside "
+            "the input so the source scans are never touched"
+        )
+    jobs = []
+    for name, source in patients.items():
+        same_as_input = "nifti" if source.is_file() else "dicom"
+        wanted = output_format if output_format != "auto" else same_as_input
+        want_dicom = wanted in ("dicom", "both")
+        want_nifti = wanted in ("nifti", "both")
+        jobs.append(
+            EnhanceJob(
+                name,
+                source,
+                output_dir / name if want_dicom else None,
+                output_dir / f"{name}.nii.gz" if want_nifti else None,
+            )
+        )
+    sources = {job.source.resolve() for job in jobs}
+    problems = []
+    for job in jobs:
+        for target in job.targets:
+            resolved = target.resolve()
+            if resolved in sources or any(s in resolved.parents for s in sources if s.is_dir()):
+                problems.append(f"{target} would overwrite the input {job.source}")
+            elif target.is_dir() and any(target.iterdir()):
+                problems.append(f"{target} already exists and is not empty")
+            elif target.exists() and not target.is_dir():
+                problems.append(f"{target} already exists")
+    if problems:
+        raise InferenceError(
+            "refusing to overwrite; nothing written:\n  - "
+            + "\n  - ".join(problems)
+            + "\nchoose another --output or remove these first"
+        )
+    return jobs
+
+
+def series_number(volume: Volume) -> int | None:
+    """The source's SeriesNumber + 1000, so a viewer lists the derived series after it."""
+    if not volume.headers:
+        return None
+    number = volume.headers[0].get("SeriesNumber")
+    try:
+        return int(number) + _SERIES_NUMBER_OFFSET
+    except (TypeError, ValueError):
+        return None
