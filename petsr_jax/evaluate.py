@@ -5,6 +5,12 @@ scores each slice (PSNR and SSIM over the whole slice and inside the brain mask)
 evaluation and reports share the single `degrade()`. LPIPS is added when its weights are
 available; otherwise the reason is recorded and every other number is still reported.
 `summarise` turns per-slice scores into mean ± std over slices and per-patient means.
+
+Two metric modes: "physical" (`evaluate`: each volume divided by its maximum, whole slice and
+brain mask) and "paper" (`paper_mode_scores`: the authors' protocol, each slice min–max scaled
+to 8 bits and degraded as PIL resizes 8-bit images), so our numbers can be set beside the
+paper's Tables 1–3. `regional_recovery` answers the clinical question in physical units: how
+far bicubic and SR move the mean and maximum activity of grey matter and of each lesion.
 """
 
 from __future__ import annotations
@@ -180,3 +186,244 @@ def jnp_finite(tree) -> bool:
     """True when every leaf of a pytree is finite (checked before a checkpoint is written)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
+
+
+# --------------------------------------------------------------------------------------------
+# Metric modes: "physical" (`evaluate`) and "paper" (the authors' 8-bit protocol)
+# --------------------------------------------------------------------------------------------
+
+METRIC_MODES = ("physical", "paper")
+
+
+def resize_8bit(images, size: tuple[int, int]):
+    """NHWC 8-bit images (float32 holding 0..255) resized as PIL resizes an 'L' image.
+
+    PIL's bicubic resampler makes two passes, columns (width) first, and stores each pass as
+    uint8 (rounded half up, clipped), so an 8-bit resize is not the float resize rounded once.
+    Each pass here is `jax.image.resize` along one axis, which equals PIL on floats (see
+    `petsr_jax.degrade`), followed by the same rounding. PIL's 22-bit fixed-point coefficients
+    can still move a value that lands within ~1e-4 of a half by one grey level.
+    """
+    n, h, w, c = images.shape
+    out = images
+    if size[1] != w:
+        out = metrics.round_to_8bit(
+            jax.image.resize(out, (n, h, size[1], c), method="bicubic", antialias=True)
+        )
+    if size[0] != h:
+        out = metrics.round_to_8bit(
+            jax.image.resize(out, (n, size[0], size[1], c), method="bicubic", antialias=True)
+        )
+    return out
+
+
+def degrade_8bit(hr8, scale: int):
+    """`degrade` of the paper's code on 8-bit images: PIL bicubic down ×scale, then back up."""
+    from petsr_jax.degrade import low_res_size
+
+    _, h, w, _ = hr8.shape
+    if scale == 1:
+        return hr8
+    low = resize_8bit(hr8, (low_res_size(h, scale), low_res_size(w, scale)))
+    return resize_8bit(low, (h, w))
+
+
+def make_paper_score_fn(model, scale: int, mesh):
+    """A jitted `score(params, hr) -> {"<image>/<metric>": [N]}` in the paper's 8-bit protocol."""
+
+    def score(params, hr):
+        hr8 = metrics.to_8bit(hr)
+        lr_up8 = degrade_8bit(hr8, scale)
+        # The network output is stored as an 8-bit image too, so all three images are compared
+        # on the same 256-level grid.
+        sr8 = metrics.round_to_8bit(model.apply({"params": params}, lr_up8 / 255.0) * 255.0)
+        target = hr8 / 255.0
+        out = {}
+        for name, img in (("bicubic", lr_up8), ("sr", sr8)):
+            out[f"{name}/psnr"] = metrics.psnr(img / 255.0, target)
+            out[f"{name}/ssim"] = metrics.ssim(img / 255.0, target)
+        return out
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(score, in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=rep)
+
+
+@functools.lru_cache(maxsize=16)
+def _paper_score_fn(model, scale, mesh):
+    return make_paper_score_fn(model, scale, mesh)
+
+
+def paper_mode_scores(params, slices, *, model, scale: int, mesh, batch_size: int = 8) -> dict:
+    """Per-slice PSNR / SSIM as the authors' code computed them: `{"bicubic/psnr": [N], ...}`.
+
+    Each slice is min–max scaled to 8-bit integers, degraded by PIL-style bicubic resizes of the
+    8-bit image (`degrade_8bit`), super-resolved from `lr_up / 255`, and every image is scored
+    /255 with data range 1, whole slice. Per-slice scaling makes these numbers independent of
+    the volume's intensity scale, unlike the "physical" mode of `evaluate`, which keeps each
+    volume's own normalisation (and so the relative brightness of its slices).
+    """
+    score = _paper_score_fn(model, scale, mesh)
+    out: dict[str, list] = {}
+    for start, stop, size in _padded_batches(len(slices), batch_size, mesh.size):
+        hr = _pad(np.asarray(slices.hr[start:stop], np.float32)[..., None], size)
+        scores = score(params, sharding.full_batch_to_global(hr, mesh))
+        for k, v in scores.items():
+            out.setdefault(k, []).append(np.asarray(v)[: stop - start])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def score_slices(
+    params, slices, *, mode: str, model, scale: int, mesh, batch_size: int = 8, **kwargs
+) -> dict:
+    """Per-slice scores in a metric mode: "physical" (`evaluate`) or "paper"."""
+    if mode == "physical":
+        return evaluate(
+            params, slices, model=model, scale=scale, mesh=mesh, batch_size=batch_size, **kwargs
+        )
+    if mode == "paper":
+        return paper_mode_scores(
+            params, slices, model=model, scale=scale, mesh=mesh, batch_size=batch_size
+        )
+    raise ValueError(f"metric mode: expected one of {', '.join(METRIC_MODES)}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Regional recovery in physical units
+# --------------------------------------------------------------------------------------------
+
+# Tissue label code of grey matter in <root>/labels/ (petsr_jax.data, petsr_jax.cohort.LABELS).
+GREY_MATTER_LABEL = 1
+
+
+def _percent_of(error: float, true_value: float) -> float | None:
+    return 100.0 * error / true_value if true_value > 0 else None
+
+
+def region_rows(
+    truth: np.ndarray,
+    images: dict[str, np.ndarray],
+    *,
+    labels: np.ndarray | None = None,
+    lesions: np.ndarray | None = None,
+    patient: str = "",
+    units: str = "unknown",
+) -> list[dict]:
+    """Activity recovery of each region: grey matter (labels == 1) and every lesion 1..K.
+
+    For each region and image (e.g. "bicubic", "sr"): the regional mean and maximum, their error
+    against `truth` (image − truth, in `units`) and that error as % of the true value (None when
+    the true value is not positive). Mean and maximum are what a reader measures on a scan
+    (SUVmean / SUVmax): smoothing lowers a small hot lesion's maximum long before its mean.
+    Regions without voxels are skipped. All arrays share one grid.
+    """
+    regions = []
+    if labels is not None and np.any(labels == GREY_MATTER_LABEL):
+        regions.append(("grey_matter", "grey_matter", labels == GREY_MATTER_LABEL))
+    if lesions is not None:
+        for k in np.unique(lesions[lesions > 0]):
+            regions.append((f"lesion_{int(k)}", "lesion", lesions == k))
+    rows = []
+    for name, kind, region in regions:
+        true_values = truth[region].astype(np.float64)
+        true_mean, true_max = float(true_values.mean()), float(true_values.max())
+        row = {
+            "patient": patient,
+            "region": name,
+            "kind": kind,
+            "voxels": int(region.sum()),
+            "units": units,
+            "true_mean": true_mean,
+            "true_max": true_max,
+        }
+        for image_name, image in images.items():
+            values = image[region].astype(np.float64)
+            mean, peak = float(values.mean()), float(values.max())
+            row[image_name] = {
+                "mean": mean,
+                "max": peak,
+                "mean_error": mean - true_mean,
+                "mean_error_pct": _percent_of(mean - true_mean, true_mean),
+                "max_error": peak - true_max,
+                "max_error_pct": _percent_of(peak - true_max, true_max),
+            }
+        rows.append(row)
+    return rows
+
+
+def summarise_regions(rows: list[dict], images: tuple[str, ...] = IMAGES) -> dict:
+    """Per region kind and image: count, mean signed and mean absolute % errors of mean and max."""
+    summary = {}
+    for kind in sorted({row["kind"] for row in rows}):
+        members = [row for row in rows if row["kind"] == kind]
+        entry: dict = {"count": len(members)}
+        for image in images:
+            stats = {}
+            for key in ("mean_error_pct", "max_error_pct"):
+                values = [r[image][key] for r in members if r[image][key] is not None]
+                stats[key] = float(np.mean(values)) if values else None
+                stats[f"abs_{key}"] = float(np.mean(np.abs(values))) if values else None
+            entry[image] = stats
+        summary[kind] = entry
+    return summary
+
+
+def _predict_in_batches(params, hr: np.ndarray, *, model, scale, mesh, batch_size):
+    """(lr_up, sr) numpy `[N, H, W]` for normalised slices, `batch_size` slices per call."""
+    parts = [
+        predict_slices(params, hr[start : start + batch_size], model=model, scale=scale, mesh=mesh)
+        for start in range(0, hr.shape[0], batch_size)
+    ]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def regional_recovery(
+    params, root, patient_ids, *, model, scale: int, mesh, batch_size: int = 8
+) -> dict:
+    """Bicubic and SR activity in grey matter and lesions against the original, physical units.
+
+    For each patient of `root` (a data root with labels/ and/or lesions/ maps), the volume is
+    degraded by `scale` and super-resolved as in evaluation (normalised by its maximum, scaled
+    back afterwards), on the slices that hold a region. Returns `{"rows": [...]}` (one row per
+    patient and region, see `region_rows`), `"summary"` (see `summarise_regions`), `"units"`
+    and `"skipped"` (patients without any region map).
+    """
+    from pathlib import Path
+
+    from petsr_jax import data
+
+    root = Path(root)
+    paths = data.list_patients(root)
+    rows, skipped, units = [], [], set()
+    for pid in sorted(patient_ids):
+        if pid not in paths:
+            raise data.DataError(f"patient {pid} is not in {root}")
+        scan = data.load_patient(root, pid, paths[pid])
+        present = np.zeros(scan.volume.shape, bool)
+        if scan.labels is not None:
+            present |= scan.labels == GREY_MATTER_LABEL
+        if scan.lesions is not None:
+            present |= scan.lesions > 0
+        keep = np.flatnonzero(present.reshape(present.shape[0], -1).any(axis=1))
+        if not len(keep):
+            skipped.append(pid)
+            continue
+        # Normalised by the whole volume's maximum, as in training, whichever slices are kept.
+        hr, factor = data.normalise(scan.volume.data)
+        lr_up, sr = _predict_in_batches(
+            params, hr[keep], model=model, scale=scale, mesh=mesh, batch_size=batch_size
+        )
+        rows += region_rows(
+            scan.volume.data[keep],
+            {"bicubic": data.denormalise(lr_up, factor), "sr": data.denormalise(sr, factor)},
+            labels=None if scan.labels is None else scan.labels[keep],
+            lesions=None if scan.lesions is None else scan.lesions[keep],
+            patient=pid,
+            units=scan.volume.units,
+        )
+        units.add(scan.volume.units)
+    return {
+        "rows": rows,
+        "summary": summarise_regions(rows),
+        "units": units.pop() if len(units) == 1 else ("mixed" if units else "unknown"),
+        "skipped": skipped,
+    }

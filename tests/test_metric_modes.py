@@ -1,0 +1,203 @@
+"""Metric modes and regional recovery: the paper's 8-bit protocol against PIL + scikit-image,
+and lesion / grey-matter activity errors against hand computations."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from petsr_jax import data, evaluate, metrics, sharding
+from petsr_jax.degrade import degrade
+from petsr_jax.models import DeepSR
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A small untrained DeepSR: the modes are about the pipeline around any network."""
+    model = DeepSR(num_blocks=1, width=8)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    return model, params
+
+
+def _smooth_image(shape, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float64)
+    cy, cx = rng.uniform(0.3, 0.7, 2) * shape
+    image = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (3.0 * shape[0]))
+    return (5e3 * image + 500.0 * rng.random(shape)).astype(np.float32)
+
+
+def _pil_degrade(image8: np.ndarray, scale: int) -> np.ndarray:
+    """The authors' degradation: PIL bicubic down, then up, on an 8-bit ('L') image."""
+    h, w = image8.shape
+    pil = Image.fromarray(image8)
+    assert pil.mode == "L"
+    low = pil.resize((max(1, w // scale), max(1, h // scale)), Image.BICUBIC)
+    return np.asarray(low.resize((w, h), Image.BICUBIC))
+
+
+def _minmax_uint8(image: np.ndarray) -> np.ndarray:
+    scaled = (image - image.min()) / (image.max() - image.min()) * 255.0
+    return np.floor(scaled + 0.5).astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape, scale", [((64, 64), 8), ((100, 90), 12), ((37, 53), 4)])
+def test_8bit_degrade_matches_pil_on_l_images(shape, scale):
+    image = _smooth_image(shape, seed=scale)
+    hr8 = _minmax_uint8(image)
+    batch = jnp.asarray(hr8, jnp.float32)[None, ..., None]
+    got = np.asarray(jax.jit(evaluate.degrade_8bit, static_argnums=1)(batch, scale))[0, ..., 0]
+    expected = _pil_degrade(hr8, scale)
+    diff = np.abs(got - expected.astype(np.float32))
+    # PIL's fixed-point coefficients may move a value sitting on a half by one level.
+    assert diff.max() <= 1 and np.mean(diff == 0) >= 0.999
+    # Rounding only once, after a float degrade, is not what PIL does (≈ 1/4 of pixels differ).
+    once = jax.jit(lambda x: metrics.round_to_8bit(degrade(x, scale)))(batch)
+    assert np.mean(np.asarray(once)[0, ..., 0] != expected) > 0.05
+
+
+def test_to_8bit_is_per_slice_minmax_to_integers():
+    stack = np.stack([_smooth_image((24, 24), s) for s in range(3)])
+    stack[1] *= 40.0  # a brighter slice: per-slice scaling removes it
+    stack[2] = 7.0  # a constant slice
+    got = np.asarray(metrics.to_8bit(jnp.asarray(stack)[..., None]))[..., 0]
+    np.testing.assert_array_equal(got[:2], [_minmax_uint8(stack[0]), _minmax_uint8(stack[1])])
+    np.testing.assert_array_equal(got[2], 0)
+
+
+def test_paper_mode_scores_match_pil_and_scikit_image(net, nifti_root):
+    model, params = net
+    slices = data.build_slice_set(nifti_root, ["pat-00", "pat-01"], eval_split=True)
+    mesh = sharding.make_mesh()
+    scores = evaluate.paper_mode_scores(
+        params, slices, model=model, scale=8, mesh=mesh, batch_size=3
+    )
+    assert set(scores) == {"bicubic/psnr", "bicubic/ssim", "sr/psnr", "sr/ssim"}
+    ssim_args = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
+    for i in range(len(slices)):
+        hr8 = _minmax_uint8(np.asarray(slices.hr[i]))
+        lr8 = _pil_degrade(hr8, 8)
+        out = model.apply(
+            {"params": params}, jnp.asarray(lr8 / 255.0, jnp.float32)[None, ..., None]
+        )
+        sr8 = np.clip(np.floor(np.asarray(out)[0, ..., 0] * 255.0 + 0.5), 0, 255)
+        target = hr8 / 255.0
+        for name, image in (("bicubic", lr8 / 255.0), ("sr", sr8 / 255.0)):
+            np.testing.assert_allclose(
+                scores[f"{name}/psnr"][i],
+                peak_signal_noise_ratio(target, image, data_range=1),
+                rtol=1e-4,
+            )
+            np.testing.assert_allclose(
+                scores[f"{name}/ssim"][i],
+                structural_similarity(target, image, **ssim_args),
+                atol=1e-4,
+            )
+
+
+def test_score_slices_dispatches_on_the_mode(net, nifti_root):
+    model, params = net
+    slices = data.build_slice_set(nifti_root, ["pat-02"], eval_split=True)
+    mesh = sharding.make_mesh()
+    physical = evaluate.score_slices(
+        params, slices, mode="physical", model=model, scale=8, mesh=mesh
+    )
+    direct = evaluate.evaluate(params, slices, model=model, scale=8, mesh=mesh)
+    np.testing.assert_array_equal(physical["sr/psnr"], direct["sr/psnr"])
+    assert "sr/psnr_brain" in physical
+    paper = evaluate.score_slices(params, slices, mode="paper", model=model, scale=8, mesh=mesh)
+    assert not np.allclose(paper["bicubic/psnr"], physical["bicubic/psnr"])
+    with pytest.raises(ValueError, match="physical, paper"):
+        evaluate.score_slices(params, slices, mode="pixels", model=model, scale=8, mesh=mesh)
+
+
+# ------------------------------------------------------------------------- regional recovery
+
+
+def test_region_rows_with_a_perfect_model_and_a_known_blur():
+    truth = np.full((2, 6, 6), 100.0, np.float32)
+    truth[0, 1:3, 1:3] = 400.0  # lesion 1: a hot 2x2 square on slice 0
+    truth[1, 4, 4] = 50.0  # lesion 3: one cold voxel (lesion 2 absent: skipped)
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[:, 3:, :3] = 1  # grey matter
+    labels[:, :, 5] = 2  # white matter: not reported
+    lesions = np.zeros(truth.shape, np.uint8)
+    lesions[0, 1:3, 1:3] = 1
+    lesions[1, 4, 4] = 3
+    blurred = truth.copy()
+    blurred[0, 1:3, 1:3] = [[300.0, 340.0], [320.0, 360.0]]
+    blurred[1, 4, 4] = 80.0
+    rows = evaluate.region_rows(
+        truth,
+        {"bicubic": blurred, "sr": truth},
+        labels=labels,
+        lesions=lesions,
+        patient="p",
+        units="BQML",
+    )
+    by_region = {row["region"]: row for row in rows}
+    assert list(by_region) == ["grey_matter", "lesion_1", "lesion_3"]
+    for row in rows:
+        for key in ("mean_error", "mean_error_pct", "max_error", "max_error_pct"):
+            assert row["sr"][key] == 0.0
+    lesion = by_region["lesion_1"]
+    assert lesion["voxels"] == 4 and lesion["true_mean"] == 400.0 and lesion["true_max"] == 400.0
+    assert lesion["bicubic"]["mean"] == pytest.approx(330.0)
+    assert lesion["bicubic"]["mean_error_pct"] == pytest.approx(-17.5)
+    assert lesion["bicubic"]["max_error"] == pytest.approx(-40.0)
+    cold = by_region["lesion_3"]
+    assert cold["bicubic"]["mean_error_pct"] == pytest.approx(60.0)
+    assert by_region["grey_matter"]["bicubic"]["mean_error"] == 0.0
+    summary = evaluate.summarise_regions(rows)
+    assert summary["lesion"]["count"] == 2 and summary["grey_matter"]["count"] == 1
+    assert summary["lesion"]["bicubic"]["mean_error_pct"] == pytest.approx((-17.5 + 60.0) / 2)
+    assert summary["lesion"]["bicubic"]["abs_mean_error_pct"] == pytest.approx((17.5 + 60.0) / 2)
+    assert summary["lesion"]["sr"]["abs_max_error_pct"] == 0.0
+
+
+def _write_map(path, array, like):
+    """An integer map on the PET grid, with `io.read_nifti_array`'s axis mapping."""
+    image = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), nib.load(like).affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, str(path))
+
+
+def test_regional_recovery_against_a_hand_computation(net, nifti_root, tmp_path):
+    model, params = net
+    root = shutil.copytree(nifti_root, tmp_path / "root")
+    pet, _ = data.io.read_nifti_array(root / "pat-01.nii.gz")
+    labels = np.zeros(pet.shape, np.uint8)
+    labels[2:6, 8:24, 8:24] = 1
+    lesions = np.zeros(pet.shape, np.uint8)
+    lesions[3, 12:15, 12:15] = 1
+    lesions[5, 18:20, 10:12] = 2
+    _write_map(root / "labels" / "pat-01.nii.gz", labels, root / "pat-01.nii.gz")
+    _write_map(root / "lesions" / "pat-01.nii.gz", lesions, root / "pat-01.nii.gz")
+    mesh = sharding.make_mesh()
+    result = evaluate.regional_recovery(
+        params, root, ["pat-01", "pat-02"], model=model, scale=8, mesh=mesh, batch_size=3
+    )
+    assert result["skipped"] == ["pat-02"] and result["units"] == "BQML"
+    assert [r["region"] for r in result["rows"]] == ["grey_matter", "lesion_1", "lesion_2"]
+
+    peak = pet.max()
+    lr_up = degrade(jnp.asarray(pet / peak, jnp.float32)[..., None], 8)
+    sr = np.asarray(model.apply({"params": params}, lr_up))[..., 0] * peak
+    lr_up = np.asarray(lr_up)[..., 0] * peak
+    for row, region in zip(result["rows"], [labels == 1, lesions == 1, lesions == 2], strict=True):
+        assert row["voxels"] == region.sum()
+        assert row["true_mean"] == pytest.approx(pet[region].mean(), rel=1e-6)
+        for name, image in (("bicubic", lr_up), ("sr", sr)):
+            true_max = pet[region].max()
+            assert row[name]["mean_error"] == pytest.approx(
+                image[region].mean() - pet[region].mean(), rel=1e-4, abs=1e-3
+            )
+            assert row[name]["max_error_pct"] == pytest.approx(
+                100 * (image[region].max() - true_max) / true_max, rel=1e-4, abs=1e-4
+            )
+    assert result["summary"]["lesion"]["count"] == 2
