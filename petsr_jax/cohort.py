@@ -1151,14 +1151,13 @@ def _dicom_header(spec: CohortSpec, facts: dict, seed: int):
     pid = facts["patient_id"]
     entropy = [GENERATOR, VERSION, str(seed), pid]
     header = Dataset()
-    header.PatientName = pid
+    header.PatientName = f"Synthetic^{pid}"
     header.PatientID = pid
     header.StudyInstanceUID = generate_uid(entropy_srcs=[*entropy, "study"])
     header.FrameOfReferenceUID = generate_uid(entropy_srcs=[*entropy, "frame"])
     header.StudyDescription = "Synthetic FDG brain PET"
     header.StudyID = "1"
     header.BodyPartExamined = "BRAIN"
-    header.PatientPosition = "HFS"
     header.Manufacturer = "petsr_jax"
     header.ManufacturerModelName = f"{GENERATOR} {VERSION}"
     header.CorrectedImage = ["NORM", "ATTN", "SCAT", "RAN"]

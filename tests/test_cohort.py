@@ -9,6 +9,8 @@ interpolation against PIL's bicubic resize.
 import dataclasses
 import functools
 import json
+import shutil
+import subprocess
 
 import numpy as np
 import pydicom
@@ -274,6 +276,15 @@ def test_dicom_series_is_16_bit_with_per_slice_slopes(tiny_root):
     assert len({float(h.RescaleSlope) for h in headers}) > TINY.n_slices // 2
     assert {h.PatientID for h in headers} == {"sub-002"}
     assert len({h.SeriesInstanceUID for h in headers}) == 1
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools (dciodvfy) not installed")
+def test_dicom_series_passes_the_pet_iod_validator(tiny_root):
+    first = sorted((tiny_root / "sub-001").glob("*.dcm"))[0]
+    checked = subprocess.run(["dciodvfy", "-new", str(first)], capture_output=True, text=True)
+    report = checked.stdout + checked.stderr
+    assert "PETImage" in report
+    assert [line for line in report.splitlines() if line.startswith("Error")] == []
 
 
 def test_finished_root_is_reused_and_checked(tiny_root, monkeypatch):
