@@ -66,6 +66,17 @@ def _format_scores(name: str, scores: dict) -> str:
     return " ".join(cells)
 
 
+def _pooled(all_scores: list[tuple[str, dict]]) -> dict:
+    """Per-patient means pooled into a mean over every scored slice."""
+    total = sum(scores["slices"] for _, scores in all_scores)
+    pooled = {"slices": total}
+    for key in ("bicubic/psnr", "sr/psnr", "bicubic/ssim", "sr/ssim"):
+        parts = [(s[key], s["slices"]) for _, s in all_scores if key in s]
+        if parts and total:
+            pooled[key] = sum(v * n for v, n in parts) / sum(n for _, n in parts)
+    return pooled
+
+
 def _enhance_one(sr, volume, mode: str, progress) -> tuple[io.Volume, dict | None]:
     """The output volume of one patient and, in reconstruct mode, its scores."""
     # The network's range, as training saw it: the volume divided by its maximum.
@@ -126,6 +137,8 @@ def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, whi
         print(f"{header[0]:<24} {header[1]:>6} " + " ".join(f"{h:>12}" for h in header[2:]))
         for name, scores in all_scores:
             print(_format_scores(name, scores))
+        if len(all_scores) > 1:
+            print(_format_scores("all (slice-weighted)", _pooled(all_scores)))
     return 0
 
 
