@@ -45,6 +45,9 @@ _SCALE = flags.DEFINE_integer("scale", 8, "Downscaling factor of the degraded in
 _SLICES = flags.DEFINE_integer("slices", 89, "Slices of the volume (volume mode).")
 _CROP = flags.DEFINE_integer("crop", 0, "Random crop side, 0 = whole slices (loader mode).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Grain worker processes (loader mode).")
+_CONV = flags.DEFINE_enum(
+    "conv", "auto", ["auto", "xla", "cpu"], "Convolution implementation (auto: cpu on CPUs)."
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of text.")
 
 
@@ -55,7 +58,13 @@ def run() -> dict:
         return perf.benchmark_loader(
             _SIZE.value, _BATCH.value, crop=_CROP.value, workers=_WORKERS.value, **common
         )
-    net = dict(model=_MODEL.value, blocks=_BLOCKS.value, size=_SIZE.value, batch=_BATCH.value)
+    net = dict(
+        model=_MODEL.value,
+        blocks=_BLOCKS.value,
+        size=_SIZE.value,
+        batch=_BATCH.value,
+        conv=_CONV.value,
+    )
     if mode == "train":
         return perf.benchmark_train(
             **net,

@@ -2,7 +2,9 @@
 
 Both map the bicubic-upscaled low-resolution image `lr_up` (NHWC) to the super-resolved image at
 the same size, so one network serves every scale. Parameters are float32; `dtype` sets the
-compute dtype (bfloat16 on GPUs).
+compute dtype (bfloat16 on GPUs). `conv` picks how convolutions are computed, not what they
+compute: `"xla"` is `flax.linen.Conv`, `"cpu"` is `petsr_jax.fast_conv.Conv` (same parameters,
+a backward pass that is faster on XLA:CPU); `create_model` resolves `"auto"` by backend.
 """
 
 from __future__ import annotations
@@ -10,7 +12,25 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from petsr_jax import fast_conv
+
+CONV_IMPLS = ("xla", "cpu")
+
+
+def _conv_layer(features: int, size: int, name: str, dtype: Any, impl: str) -> nn.Module:
+    """A stride-1 "SAME" convolution with bias, float32 parameters, computed in `dtype`."""
+    if impl == "xla":
+        return nn.Conv(
+            features, (size, size), padding="SAME", dtype=dtype, param_dtype=jnp.float32, name=name
+        )
+    if impl == "cpu":
+        return fast_conv.Conv(
+            features, (size, size), dtype=dtype, param_dtype=jnp.float32, name=name
+        )
+    raise ValueError(f"conv must be one of {CONV_IMPLS}, got {impl!r}")
 
 
 class SRCNN(nn.Module):
@@ -22,12 +42,11 @@ class SRCNN(nn.Module):
     features: tuple[int, int] = (64, 32)
     out_channels: int = 1
     dtype: Any = jnp.float32
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, lr_up):
-        conv = lambda f, k, name: nn.Conv(  # noqa: E731
-            f, (k, k), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
+        conv = lambda f, k, name: _conv_layer(f, k, name, self.dtype, self.conv)  # noqa: E731
         x = lr_up.astype(self.dtype)
         x = nn.relu(conv(self.features[0], 9, "patch_extraction")(x))
         x = nn.relu(conv(self.features[1], 1, "nonlinear_mapping")(x))
@@ -40,13 +59,11 @@ class ResidualBlock(nn.Module):
 
     width: int
     dtype: Any = jnp.float32
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, h):
-        conv = lambda name: nn.Conv(  # noqa: E731
-            self.width, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
-            name=name,
-        )
+        conv = lambda name: _conv_layer(self.width, 3, name, self.dtype, self.conv)  # noqa: E731
         return h + conv("conv2")(nn.relu(conv("conv1")(h)))
 
 
@@ -69,20 +86,19 @@ class DeepSR(nn.Module):
     global_skip: str = "image"
     remat: bool = False
     dtype: Any = jnp.float32
+    conv: str = "xla"
 
     @nn.compact
     def __call__(self, lr_up):
         if self.global_skip not in ("image", "feature"):
             raise ValueError(f"global_skip must be 'image' or 'feature', got {self.global_skip!r}")
-        conv = lambda f, name: nn.Conv(  # noqa: E731
-            f, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32, name=name
-        )
+        conv = lambda f, name: _conv_layer(f, 3, name, self.dtype, self.conv)  # noqa: E731
         block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
         x = lr_up.astype(self.dtype)
         h0 = conv(self.width, "conv_in")(x)
         h = h0
         for i in range(self.num_blocks):
-            h = block(self.width, dtype=self.dtype, name=f"block_{i}")(h)
+            h = block(self.width, dtype=self.dtype, conv=self.conv, name=f"block_{i}")(h)
         if self.global_skip == "feature":
             h = h + h0
         out = conv(self.out_channels, "conv_out")(h).astype(jnp.float32)
@@ -94,16 +110,35 @@ class DeepSR(nn.Module):
 MODELS = {"srcnn": SRCNN, "deepsr": DeepSR}
 
 
+def resolve_conv(conv: str = "auto", backend: str | None = None) -> str:
+    """The convolution implementation for `conv`: "auto" is "cpu" on the CPU backend, else "xla".
+
+    On GPUs XLA's own convolution gradients are fast and cuDNN-backed, so the custom backward
+    pass would only add risk there.
+    """
+    if conv == "auto":
+        return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
+    if conv not in CONV_IMPLS:
+        raise ValueError(f"model.conv must be 'auto' or one of {CONV_IMPLS}, got {conv!r}")
+    return conv
+
+
 def create_model(config) -> nn.Module:
     """The network a config names (`config.model.name` plus its fields)."""
     m = config.model
     dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+    conv = resolve_conv(m.get("conv", "auto"))
     if m.name == "srcnn":
-        return SRCNN(out_channels=1, dtype=dtype)
+        return SRCNN(out_channels=1, dtype=dtype, conv=conv)
     if m.name == "deepsr":
         return DeepSR(
-            num_blocks=m.num_blocks, width=m.width, out_channels=1,
-            global_skip=m.global_skip, remat=m.remat, dtype=dtype,
+            num_blocks=m.num_blocks,
+            width=m.width,
+            out_channels=1,
+            global_skip=m.global_skip,
+            remat=m.remat,
+            dtype=dtype,
+            conv=conv,
         )
     raise ValueError(f"unknown model {m.name!r}; choose one of {sorted(MODELS)}")
 

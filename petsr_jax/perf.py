@@ -227,7 +227,15 @@ def _rates(result: dict, times: list[float], items: int, flops: float | None, de
 # ---------------------------------------------------------------------------- model benchmarks
 
 
-def bench_config(model: str, blocks: int, precision: str, *, remat: bool = False, scale: int = 8):
+def bench_config(
+    model: str,
+    blocks: int,
+    precision: str,
+    *,
+    remat: bool = False,
+    scale: int = 8,
+    conv: str = "auto",
+):
     """The project config for a benchmark run (the paper's networks at a given depth)."""
     from petsr_jax.config import build_config
 
@@ -236,7 +244,10 @@ def bench_config(model: str, blocks: int, precision: str, *, remat: bool = False
     arg = f"scale={scale},compute_dtype={PRECISIONS[precision]}"
     if model == "deepsr":
         arg += f",model.num_blocks={blocks},model.remat={remat}"
-    return build_config(model, arg)
+    config = build_config(model, arg)
+    with config.unlocked():
+        config.model.conv = conv
+    return config
 
 
 def benchmark_train(
@@ -251,6 +262,7 @@ def benchmark_train(
     remat: bool = False,
     donate: bool = True,
     scale: int = 8,
+    conv: str = "auto",
     seed: int = 0,
 ) -> dict:
     """Images/s, GFLOP/s and memory of the project's train step on random `size`² slices.
@@ -264,7 +276,7 @@ def benchmark_train(
     from petsr_jax import sharding, train
     from petsr_jax.models import count_params, create_model
 
-    config = bench_config(model, blocks, precision, remat=remat, scale=scale)
+    config = bench_config(model, blocks, precision, remat=remat, scale=scale, conv=conv)
     net = create_model(config)
     tx = train.make_optimizer(config)
     state = train.init_state(config, net, tx, size)
@@ -299,6 +311,7 @@ def benchmark_train(
         "remat": remat,
         "donate": donate,
         "scale": scale,
+        "conv": net.conv,
         "steps": steps,
         "params": count_params(state.params),
         "ynn_fusions": ynn_fusions_in(compiled.as_text()),
@@ -308,13 +321,13 @@ def benchmark_train(
     return result
 
 
-def _model_and_params(model: str, blocks: int, precision: str, size: int, seed: int = 0):
+def _model_and_params(model: str, blocks: int, precision: str, size: int, conv: str, seed: int):
     import jax
     import jax.numpy as jnp
 
     from petsr_jax.models import create_model
 
-    config = bench_config(model, blocks, precision)
+    config = bench_config(model, blocks, precision, conv=conv)
     net = create_model(config)
     dummy = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
     params = net.init(jax.random.PRNGKey(seed), dummy)["params"]
@@ -330,6 +343,7 @@ def benchmark_infer(
     precision: str = "fp32",
     steps: int = 5,
     warmup: int = 1,
+    conv: str = "auto",
     seed: int = 0,
 ) -> dict:
     """Forward-pass images/s and GFLOP/s on a resident batch (torch_reference.py's infer)."""
@@ -338,7 +352,7 @@ def benchmark_infer(
 
     from petsr_jax.models import count_params
 
-    net, params = _model_and_params(model, blocks, precision, size, seed)
+    net, params = _model_and_params(model, blocks, precision, size, conv, seed)
     forward = jax.jit(lambda p, x: net.apply({"params": p}, x))
     x = jax.device_put(np.random.default_rng(seed).random((batch, size, size, 1), np.float32))
     compiled = forward.lower(params, x).compile()
@@ -352,6 +366,7 @@ def benchmark_infer(
         "batch": batch,
         "mode": "infer",
         "precision": precision,
+        "conv": net.conv,
         "steps": steps,
         "params": count_params(params),
         "ynn_fusions": ynn_fusions_in(compiled.as_text()),
@@ -405,6 +420,7 @@ def benchmark_volume(
     precision: str = "fp32",
     steps: int = 2,
     warmup: int = 1,
+    conv: str = "auto",
     seed: int = 0,
 ) -> dict:
     """Slices/s of a whole `[slices, size, size]` volume through the network, in slice batches.
@@ -416,7 +432,7 @@ def benchmark_volume(
 
     from petsr_jax.models import count_params
 
-    net, params = _model_and_params(model, blocks, precision, size, seed)
+    net, params = _model_and_params(model, blocks, precision, size, conv, seed)
     run = make_batched_forward(lambda p, x: net.apply({"params": p}, x), params, batch)
     volume = np.random.default_rng(seed).random((slices, size, size), np.float32)
     times = time_calls(lambda: run(volume), steps, warmup)
@@ -430,6 +446,7 @@ def benchmark_volume(
         "slices": slices,
         "mode": "volume",
         "precision": precision,
+        "conv": net.conv,
         "steps": steps,
         "params": count_params(params),
     }
@@ -515,7 +532,10 @@ def format_result(r: dict) -> str:
             f"workers {r['workers']}: {r['slices_per_s']:.1f} slices/s, "
             f"{r['megabytes_per_s']:.0f} MB/s, {r['seconds_per_step'] * 1e3:.1f} ms/batch"
         )
-    what = f"jax {r['model']} {r['mode']} {r['size']}x{r['size']} b{r['batch']} {r['precision']}"
+    what = (
+        f"jax {r['model']} {r['mode']} {r['size']}x{r['size']} b{r['batch']} {r['precision']} "
+        f"conv={r['conv']}"
+    )
     if r["mode"] == "volume":
         what += f" ({r['slices']} slices)"
     rate = "slices/s" if r["mode"] == "volume" else "img/s"

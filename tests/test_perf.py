@@ -1,0 +1,269 @@
+"""The fast CPU convolution computes the same maths; the benchmark counts and reports honestly.
+
+The convolution and its three gradients are checked against a float64 NumPy implementation
+written from the definition (sliding windows), and the whole train-step gradient of both
+networks against plain `jax.grad` through XLA's convolution. The XLA flag is checked where it
+acts: in a fresh process, the compiled HLO holds no YNN fusion.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from petsr_jax import fast_conv, perf, train
+from petsr_jax.config import build_config
+from petsr_jax.models import SRCNN, DeepSR, count_params, create_model, resolve_conv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ float64 reference convolution
+
+
+def _windows(x_padded: np.ndarray, kh: int, kw: int, h: int, w: int) -> np.ndarray:
+    """[N, h, w, C, kh, kw] view of every kh×kw window of a padded NHWC array."""
+    view = np.lib.stride_tricks.sliding_window_view(x_padded, (kh, kw), axis=(1, 2))
+    return view[:, :h, :w]
+
+
+def _reference_conv_and_grads(x, kernel, bias, g):
+    """y = conv(x, kernel) + bias ("SAME", stride 1) and the VJP of `g`, in float64."""
+    x, kernel, bias, g = (np.asarray(a, np.float64) for a in (x, kernel, bias, g))
+    kh, kw, _, _ = kernel.shape
+    n, h, w, _ = x.shape
+    ph, pw = kh // 2, kw // 2
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    win = _windows(xp, kh, kw, h, w)  # [n, h, w, cin, kh, kw]
+    y = np.einsum("nyxcij,ijco->nyxo", win, kernel) + bias
+    dkernel = np.einsum("nyxcij,nyxo->ijco", win, g)
+    dbias = g.sum(axis=(0, 1, 2))
+    # dx[n, p + (i, j) - pad, c] += g[n, p, o] * kernel[i, j, c, o]
+    dxp = np.zeros_like(xp)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, i : i + h, j : j + w] += np.einsum("nyxo,co->nyxc", g, kernel[i, j])
+    dx = dxp[:, ph : ph + h, pw : pw + w]
+    return y, dx, dkernel, dbias
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@pytest.mark.parametrize(
+    "shape,ksize,cout",
+    [((2, 11, 13, 3), 3, 5), ((1, 9, 7, 4), 9, 6), ((3, 6, 5, 8), 1, 4), ((2, 8, 8, 6), 5, 1)],
+)
+def test_conv2d_same_and_its_gradients_equal_a_float64_reference(shape, ksize, cout):
+    rng = np.random.default_rng(sum(shape) + ksize)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((ksize, ksize, shape[-1], cout)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    g = rng.standard_normal(shape[:-1] + (cout,)).astype(np.float32)
+
+    y, vjp = jax.vjp(fast_conv.conv2d_same, x, kernel, bias)
+    dx, dkernel, dbias = vjp(jnp.asarray(g))
+    ref = _reference_conv_and_grads(x, kernel, bias, g)
+    for name, got, want in zip(
+        ("y", "dx", "dkernel", "dbias"), (y, dx, dkernel, dbias), ref, strict=True
+    ):
+        assert got.shape == want.shape, name
+        assert _rel_err(got, want) < 1e-5, name
+
+
+def test_bias_gradient_handles_pixel_counts_not_divisible_by_the_group():
+    g = np.random.default_rng(0).standard_normal((1, 7, 5, 3)).astype(np.float32)  # 35 pixels
+    np.testing.assert_allclose(
+        fast_conv.bias_gradient(jnp.asarray(g)), g.astype(np.float64).sum((0, 1, 2)), rtol=1e-5
+    )
+
+
+# -------------------------------------------------------------------- whole-network equivalence
+
+
+def _config(name, conv, **fields):
+    config = build_config(name, ",".join(f"{k}={v}" for k, v in fields.items()))
+    with config.unlocked():
+        config.model.conv = conv
+    return config
+
+
+@pytest.mark.parametrize("name,fields", [("deepsr", {"model.num_blocks": 2}), ("srcnn", {})])
+def test_cpu_conv_train_gradients_equal_plain_jax_grad(name, fields):
+    """Same params, same batch: the loss gradient of conv="cpu" equals XLA autodiff's."""
+    hr = jax.random.uniform(jax.random.key(3), (2, 24, 24, 1))
+    grads = {}
+    for conv in ("xla", "cpu"):
+        model = create_model(_config(name, conv, **fields))
+        params = model.init(jax.random.key(0), hr)["params"]
+        grads[conv] = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 3))(params, model, hr, 8)
+    assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads["cpu"])
+    for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+        got = _leaf(grads["cpu"], path)
+        assert _rel_err(got, want) < 2e-5, jax.tree_util.keystr(path)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_cpu_conv_keeps_the_parameter_tree_and_initial_values():
+    x = jnp.zeros((1, 8, 8, 1))
+    for make in (SRCNN, functools.partial(DeepSR, num_blocks=2)):
+        a = make(conv="xla").init(jax.random.key(0), x)["params"]
+        b = make(conv="cpu").init(jax.random.key(0), x)["params"]
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(u, v)
+    for make, n_params in ((SRCNN, 8129), (DeepSR, 1478337)):
+        shapes = jax.eval_shape(make(conv="cpu").init, jax.random.key(0), x)["params"]
+        assert count_params(shapes) == n_params
+
+
+def test_conv_choice_follows_the_backend():
+    assert resolve_conv("auto", backend="cpu") == "cpu"
+    assert resolve_conv("auto", backend="gpu") == "xla"
+    assert resolve_conv("xla", backend="cpu") == "xla"
+    with pytest.raises(ValueError, match="model.conv"):
+        resolve_conv("fast")
+
+
+def test_cpu_conv_computes_in_the_requested_dtype():
+    layer = fast_conv.Conv(4, (3, 3), dtype=jnp.bfloat16)
+    x = jnp.ones((1, 8, 8, 2))
+    params = layer.init(jax.random.key(0), x)["params"]
+    assert params["kernel"].dtype == jnp.float32
+    assert layer.apply({"params": params}, x).dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------- the XLA CPU flag
+
+
+def test_configure_cpu_leaves_a_users_choice_and_accelerators_alone(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setattr(perf, "_jaxlib_version", lambda: (0, 10))
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    assert perf.configure_cpu(env) == perf.CPU_XLA_FLAGS[(0, 10)]
+    assert env["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=2",
+        perf.CPU_XLA_FLAGS[(0, 10)],
+    ]
+    chosen = {"XLA_FLAGS": f"{perf.YNN_FUSION_FLAG}=individual_dot", "JAX_PLATFORMS": "cpu"}
+    assert perf.configure_cpu(chosen) is None
+    assert chosen["XLA_FLAGS"] == f"{perf.YNN_FUSION_FLAG}=individual_dot"
+    gpu = {"JAX_PLATFORMS": "cuda"}
+    assert perf.configure_cpu(gpu) is None and "XLA_FLAGS" not in gpu
+    monkeypatch.setattr(perf, "_jaxlib_version", lambda: (0, 4))  # a version never measured
+    assert perf.configure_cpu({"JAX_PLATFORMS": "cpu"}) is None
+
+
+def test_configure_cpu_is_refused_once_jax_has_started():
+    jax.devices()  # this process's backend is up
+    env = {"JAX_PLATFORMS": "cpu"}
+    assert perf.configure_cpu(env) is None and "XLA_FLAGS" not in env
+
+
+@pytest.mark.skipif(
+    perf._jaxlib_version() not in perf.CPU_XLA_FLAGS, reason="no XLA CPU flags for this jaxlib"
+)
+def test_configured_process_compiles_convolutions_without_ynn_fusions():
+    code = (
+        "from petsr_jax import perf; perf.configure_cpu()\n"
+        "import jax, jax.numpy as jnp\n"
+        "from petsr_jax.fast_conv import conv2d_same\n"
+        "x, k, b = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones(4)\n"
+        "f = jax.jit(jax.grad(lambda k: conv2d_same(x, k, b).sum()))\n"
+        "print(perf.ynn_fusions_in(f.lower(k).compile().as_text()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# ------------------------------------------------------------------------- counting and peaks
+
+
+def test_forward_flops_follow_the_paper_layer_list():
+    x = jnp.zeros((1, 16, 16, 1))
+    srcnn = jax.eval_shape(SRCNN().init, jax.random.key(0), x)["params"]
+    # 9×9 1→64, 1×1 64→32, 5×5 32→1; 2 FLOPs per multiply-add.
+    assert perf.forward_flops_per_pixel(srcnn) == 2 * (81 * 64 + 64 * 32 + 25 * 32)
+    deepsr = jax.eval_shape(DeepSR(num_blocks=3, width=8).init, jax.random.key(0), x)["params"]
+    assert perf.forward_flops_per_pixel(deepsr) == 2 * 9 * (8 + 2 * 3 * 8 * 8 + 8)
+
+
+class _FakeDevice:
+    def __init__(self, platform, device_kind):
+        self.platform, self.device_kind = platform, device_kind
+
+
+def test_peak_flops_known_gpus_and_none_on_cpu():
+    assert perf.peak_flops(_FakeDevice("cpu", "cpu"), "float32") is None
+    assert perf.peak_flops(_FakeDevice("gpu", "NVIDIA H100 80GB HBM3"), "bfloat16") == 989e12
+    assert perf.peak_flops(_FakeDevice("gpu", "NVIDIA H100 PCIe"), "bfloat16") == 756e12
+    assert perf.peak_flops(_FakeDevice("gpu", "NVIDIA A100-SXM4-40GB"), "float32") == 156e12
+    assert perf.peak_flops(_FakeDevice("gpu", "Some Future GPU"), "bfloat16") is None
+
+
+# ---------------------------------------------------------------------------------- inference
+
+
+def test_batched_forward_equals_one_big_batch_for_any_slice_count():
+    model = DeepSR(num_blocks=1, width=4)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 12, 12, 1)))["params"]
+    volume = np.random.default_rng(0).random((7, 12, 12), np.float32)
+
+    def apply(p, x):
+        return model.apply({"params": p}, x)
+
+    run = perf.make_batched_forward(apply, params, batch_size=3)  # 3 + 3 + 1 padded
+    want = np.asarray(jax.jit(apply)(params, volume[..., None]))[..., 0]
+    np.testing.assert_allclose(run(volume), want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------- benchmarks
+
+TORCH_KEYS = {"model", "blocks", "size", "batch", "mode", "seconds_per_step", "images_per_s"}
+
+
+def test_train_benchmark_reports_torch_reference_keys_and_consistent_rates():
+    r = perf.benchmark_train("deepsr", 1, 16, 4, steps=2, warmup=1, conv="cpu")
+    assert TORCH_KEYS | {"gflops_per_s", "params", "peak_memory_bytes"} <= set(r)
+    assert r["images_per_s"] == pytest.approx(4 / r["seconds_per_step"])
+    flops = 3 * 2 * 9 * (64 + 2 * 64 * 64 + 64) * 16 * 16 * 4
+    assert r["gflops_per_s"] == pytest.approx(flops / r["seconds_per_step"] / 1e9)
+    assert r["mfu"] is None and r["conv"] == "cpu"
+
+
+def test_loader_benchmark_counts_slices():
+    r = perf.benchmark_loader(32, 4, crop=16, num_slices=12, steps=3, warmup=1)
+    assert r["slices_per_s"] == pytest.approx(3 * 4 / (3 * r["seconds_per_step"]))
+    assert r["megabytes_per_s"] == pytest.approx(r["slices_per_s"] * 16 * 16 * 4 / 1e6)
+
+
+def test_benchmark_script_prints_one_json_line():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "benchmark.py"), "--model=srcnn", "--size=16",
+         "--batch=2", "--mode=infer", "--steps=1", "--warmup=0", "--json"],
+        env=env, capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["mode"] == "infer" and result["images_per_s"] > 0
+    assert result["params"] == 8129
