@@ -36,12 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from petsr_jax import checkpoint, data, evaluate, report, sharding, train
+from petsr_jax import data, report, train
 from petsr_jax.config import FLAGS, build_config, validate
-from petsr_jax.models import create_model
 
 log = logging.getLogger(__name__)
 
@@ -392,28 +390,86 @@ def table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _restored_params(record: RunRecord, config, mesh, image_size: int):
-    model = create_model(config)
-    init = model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 1), jnp.float32))
-    like = sharding.replicate(init["params"], mesh)
-    params = checkpoint.restore_params(record.workdir, like, which="best")
-    return model, sharding.replicate(params, mesh)
+@dataclasses.dataclass
+class FigureSlices:
+    """The test slices a scale's figures show: one per test patient (its middle brain slice)."""
+
+    root: Path
+    hr: np.ndarray  # float32 [N, H, W], normalised as in evaluation
+    patient: list[str]
+    slice_index: list[int]
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"{p} z={z}" for p, z in zip(self.patient, self.slice_index, strict=True)]
 
 
-def _test_set(config, workdir: Path) -> tuple[Path, data.SliceSet]:
+def figure_slices(config, workdir: Path) -> FigureSlices:
+    """Up to `eval.num_figure_slices` test slices of different patients of a run's test split."""
     root = data.resolve_root(config)
-    split = _read_json(workdir / "split.json")
+    split = _read_json(Path(workdir) / "split.json")
     test_set = data.build_slice_set(
         root, split["test"], eval_split=True, rule=config.data.eval_slices
     )
-    return root, test_set
+    picks = report.figure_slices(test_set, config.eval.num_figure_slices)
+    return FigureSlices(
+        root,
+        np.asarray(test_set.hr[picks], np.float32),
+        [str(test_set.patient[i]) for i in picks],
+        [int(test_set.slice_index[i]) for i in picks],
+    )
 
 
-def image_grid(path: Path, columns: Sequence[tuple[str, np.ndarray]], row_labels, *, t1_cols=()):
+def load_models(records: dict) -> dict:
+    """(model, scale) → the run's `SuperResolver` (best validation params, its own config)."""
+    from petsr_jax import inference
+
+    return {key: inference.load(record.workdir) for key, record in records.items()}
+
+
+def comparison_panels(srcnn, deepsr, hr: np.ndarray) -> dict[str, np.ndarray]:
+    """Figures 2–4's columns for [N, H, W] slices: bicubic, SRCNN, DeepSR, original.
+
+    Each model degrades the slices itself (the one `degrade()` at its scale); the two degraded
+    inputs must be the same image, or the figure would compare the models on different inputs.
+    """
+    if srcnn.scale != deepsr.scale:
+        raise ReproduceError(f"SRCNN is {srcnn.scale}× but DeepSR is {deepsr.scale}×")
+    bicubic, srcnn_out = srcnn.reconstruct_normalised(hr)
+    bicubic_deepsr, deepsr_out = deepsr.reconstruct_normalised(hr)
+    if not np.allclose(bicubic, bicubic_deepsr, rtol=0, atol=1e-6):
+        raise ReproduceError(
+            f"the {srcnn.scale}× bicubic inputs of {srcnn.workdir} and {deepsr.workdir} differ"
+        )
+    return {"bicubic": bicubic, "srcnn": srcnn_out, "deepsr": deepsr_out, "original": hr}
+
+
+def enhancement_panels(srcnn, deepsr, slices: FigureSlices) -> dict[str, object]:
+    """Figure 5's columns: the original, each model applied to it as it is, and the T1 MR.
+
+    `t1` is a list holding each slice's T1 MR (None where the patient has no `t1/` map).
+    """
+    t1_volumes = {}
+    patients = data.list_patients(slices.root)
+    for pid in dict.fromkeys(slices.patient):
+        t1_volumes[pid] = data.load_patient(slices.root, pid, patients[pid]).t1
+    t1 = [
+        None if t1_volumes[p] is None else np.asarray(t1_volumes[p][z], np.float32)
+        for p, z in zip(slices.patient, slices.slice_index, strict=True)
+    ]
+    return {
+        "original": slices.hr,
+        "srcnn": srcnn.enhance_normalised(slices.hr),
+        "deepsr": deepsr.enhance_normalised(slices.hr),
+        "t1": t1,
+    }
+
+
+def image_grid(path: Path, columns: Sequence[tuple[str, object]], row_labels, *, mr_columns=()):
     """PNG grid: one row per slice, one column per (title, images [N, H, W]); returns its shape.
 
-    PET panels of a row share one grey scale, 0 to that row's original maximum, so the columns
-    compare by eye. Columns named in `t1_cols` (MR) are scaled to their own 1st–99th percentile;
+    PET panels of a row share one grey scale, 0 to the row's brightest PET panel, so the columns
+    compare by eye. Columns named in `mr_columns` are scaled to their own 1st–99th percentile;
     a `None` image there draws an empty panel saying there is no MR for that slice.
     """
     import matplotlib
@@ -423,20 +479,19 @@ def image_grid(path: Path, columns: Sequence[tuple[str, np.ndarray]], row_labels
 
     n_rows, n_cols = len(row_labels), len(columns)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3 * n_cols, 3 * n_rows), squeeze=False)
-    pet = [images for title, images in columns if title not in t1_cols]
+    pet = [images for title, images in columns if title not in mr_columns]
     for i in range(n_rows):
         vmax = max(float(np.max(images[i])) for images in pet) or 1.0
         for j, (title, images) in enumerate(columns):
             ax = axes[i, j]
             image = images[i]
-            if title in t1_cols:
-                if image is None:
-                    ax.text(0.5, 0.5, "no T1 MR", ha="center", va="center", transform=ax.transAxes)
-                else:
-                    lo, hi = np.percentile(image, (1, 99))
-                    ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
-            else:
+            if title not in mr_columns:
                 ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
+            elif image is None:
+                ax.text(0.5, 0.5, "no T1 MR", ha="center", va="center", transform=ax.transAxes)
+            else:
+                lo, hi = np.percentile(image, (1, 99))
+                ax.imshow(image, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1)
             ax.set_title(title if i == 0 else "")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -447,82 +502,43 @@ def image_grid(path: Path, columns: Sequence[tuple[str, np.ndarray]], row_labels
     return n_rows, n_cols
 
 
-def scale_figure(scale, records, configs, mesh, path: Path) -> dict:
+def scale_figure(scale: int, models: dict, slices: FigureSlices, path: Path) -> dict:
     """Figures 2–4: the same test slices, bicubic | SRCNN | DeepSR | original."""
-    config = configs[("srcnn", scale)]
-    _, test_set = _test_set(config, records[("srcnn", scale)].workdir)
-    picks = report.figure_slices(test_set, config.eval.num_figure_slices)
-    hr = np.asarray(test_set.hr[picks], np.float32)
-    outputs = {}
-    for model_name in MODELS:
-        model, params = _restored_params(
-            records[(model_name, scale)], configs[(model_name, scale)], mesh, hr.shape[1]
-        )
-        outputs[model_name] = evaluate.predict_slices(
-            params, hr, model=model, scale=scale, mesh=mesh
-        )
-    lr_up = outputs["srcnn"][0]
-    labels = [f"{test_set.patient[i]} z={int(test_set.slice_index[i])}" for i in picks]
+    panels = comparison_panels(models[("srcnn", scale)], models[("deepsr", scale)], slices.hr)
     shape = image_grid(
         path,
         [
-            (f"{scale}× + bicubic", lr_up),
-            ("SRCNN", outputs["srcnn"][1]),
-            ("DeepSR", outputs["deepsr"][1]),
-            ("original", hr),
+            (f"{scale}× + bicubic", panels["bicubic"]),
+            ("SRCNN", panels["srcnn"]),
+            ("DeepSR", panels["deepsr"]),
+            ("original", panels["original"]),
         ],
-        labels,
+        slices.labels,
     )
-    return {"path": path.name, "rows": shape[0], "cols": shape[1], "slices": labels}
+    return {"path": path.name, "rows": shape[0], "cols": shape[1], "slices": slices.labels}
 
 
-def enhance_slices(model, params, hr: np.ndarray) -> np.ndarray:
-    """A model applied to [N, H, W] slices as they are (no degradation): Figure 5's use."""
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    return np.asarray(apply(params, jnp.asarray(hr, jnp.float32)[..., None]))[..., 0]
-
-
-def enhancement_figure(scale, records, configs, mesh, path: Path) -> dict:
+def enhancement_figure(scale: int, models: dict, slices: FigureSlices, path: Path) -> dict:
     """Figure 5: original | SRCNN(original) | DeepSR(original) | T1 MR of the same slice."""
-    config = configs[("srcnn", scale)]
-    root, test_set = _test_set(config, records[("srcnn", scale)].workdir)
-    picks = report.figure_slices(test_set, config.eval.num_figure_slices)
-    hr = np.asarray(test_set.hr[picks], np.float32)
-    enhanced = {}
-    for model_name in MODELS:
-        model, params = _restored_params(
-            records[(model_name, scale)], configs[(model_name, scale)], mesh, hr.shape[1]
-        )
-        enhanced[model_name] = enhance_slices(model, params, hr)
-    patients = data.list_patients(root)
-    t1_by_patient = {}
-    for pid in dict.fromkeys(test_set.patient[picks].tolist()):
-        t1_by_patient[pid] = data.load_patient(root, pid, patients[pid]).t1
-    t1 = [
-        None
-        if t1_by_patient[test_set.patient[i]] is None
-        else np.asarray(t1_by_patient[test_set.patient[i]][int(test_set.slice_index[i])])
-        for i in picks
-    ]
-    labels = [f"{test_set.patient[i]} z={int(test_set.slice_index[i])}" for i in picks]
+    panels = enhancement_panels(models[("srcnn", scale)], models[("deepsr", scale)], slices)
     shape = image_grid(
         path,
         [
-            ("original (input)", hr),
-            (f"SRCNN ({scale}× model)", enhanced["srcnn"]),
-            (f"DeepSR ({scale}× model)", enhanced["deepsr"]),
-            ("T1 MR", t1),
+            ("original (input)", panels["original"]),
+            (f"SRCNN ({scale}× model)", panels["srcnn"]),
+            (f"DeepSR ({scale}× model)", panels["deepsr"]),
+            ("T1 MR", panels["t1"]),
         ],
-        labels,
-        t1_cols=("T1 MR",),
+        slices.labels,
+        mr_columns=("T1 MR",),
     )
     return {
         "path": path.name,
         "rows": shape[0],
         "cols": shape[1],
-        "slices": labels,
+        "slices": slices.labels,
         "scale": scale,
-        "has_t1": [x is not None for x in t1],
+        "has_t1": [x is not None for x in panels["t1"]],
     }
 
 
@@ -537,11 +553,15 @@ def table_name(scale: int) -> str:
 
 
 def _lpips_availability(configs) -> str:
+    """Whether LPIPS weights are on this machine (never downloads), in one sentence."""
     from petsr_jax import lpips
 
     weights = next(iter(configs.values())).eval.lpips_weights or None
     found, where = lpips.lpips_availability(weights, allow_download=False)
-    return where if found else f"weights not found locally: {where.splitlines()[0]}"
+    if found:
+        return where
+    # The first sentence says where it looked; the rest (how to provide them) is in petsr_jax.lpips.
+    return f"weights not found ({where.split('. ')[0]}); see petsr_jax.lpips to provide them"
 
 
 def _data_description(config) -> str:
@@ -552,20 +572,37 @@ def _data_description(config) -> str:
     )
 
 
+def protocol_description(settings: Settings) -> str:
+    """Which protocol the runs follow, in words a reader of the report can act on."""
+    flags = set(_tokens(settings.config_arg)) & set(FLAGS)
+    if "tiny" in flags:
+        text = "tiny (unit-test sized: a few steps; the numbers mean nothing)"
+    elif settings.quick:
+        text = "quick (each config's `quick` flag: small cohort, short training on a CPU)"
+    else:
+        text = "full paper protocol"
+    if settings.config_arg:
+        text += f", with config arg `{settings.config_arg}`"
+    return text
+
+
+def _split_description(record: RunRecord) -> str:
+    split = _read_json(record.workdir / "split.json")
+    return ", ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test")) + " patients"
+
+
 def report_markdown(settings, configs, records, tables, figures, enhancement, meta) -> str:
     """report.md: settings, tables, figures, commands and run times."""
     any_config = configs[("srcnn", settings.scales[0])]
-    protocol = "quick (each config's `quick` flag)" if settings.quick else "full paper protocol"
     lines = [
         "# Deep Convolutional Networks for PET Super-Resolution — reproduction",
         "",
         "## Settings",
         "",
-        f"- Protocol: {protocol}"
-        + (f", config arg `{settings.config_arg}`" if settings.config_arg else ""),
-        f"- Data: {_data_description(any_config)}; split `{any_config.data.split}` "
-        f"(train,val,test patients, seed {any_config.data.split_seed}); evaluation slices "
-        f"`{any_config.data.eval_slices}`",
+        f"- Protocol: {protocol_description(settings)}",
+        f"- Data: {_data_description(any_config)}; "
+        f"{_split_description(records[('srcnn', settings.scales[0])])}; evaluation slices "
+        f"`{any_config.data.eval_slices}` (training uses every slice)",
         f"- Scales: {', '.join(f'{s}×' for s in settings.scales)}",
         f"- LPIPS: {meta['lpips']}",
         f"- Devices: {meta['devices']}",
@@ -679,17 +716,20 @@ def reproduce(
         tables[scale] = table_markdown(scale, rows, srcnn)
         table_data[scale] = [{k: v for k, v in row.items() if k != "cells"} for row in rows]
 
-    mesh = sharding.make_mesh()
+    models = load_models(records)
     out = settings.out_dir
-    figures = {
-        scale: scale_figure(scale, records, configs, mesh, out / figure_name(scale))
-        for scale in settings.scales
-    }
+    figures = {}
+    for scale in settings.scales:
+        slices = figure_slices(configs[("srcnn", scale)], records[("srcnn", scale)].workdir)
+        figures[scale] = scale_figure(scale, models, slices, out / figure_name(scale))
     enhancement_scale = (
         ENHANCEMENT_SCALE if ENHANCEMENT_SCALE in settings.scales else min(settings.scales)
     )
+    slices = figure_slices(
+        configs[("srcnn", enhancement_scale)], records[("srcnn", enhancement_scale)].workdir
+    )
     enhancement = enhancement_figure(
-        enhancement_scale, records, configs, mesh, out / "figure5_enhancement.png"
+        enhancement_scale, models, slices, out / "figure5_enhancement.png"
     )
     meta = {
         "command": command or settings.command(),
@@ -702,6 +742,7 @@ def reproduce(
             "scales": list(settings.scales),
             "quick": settings.quick,
             "config_arg": settings.config_arg,
+            "protocol": protocol_description(settings),
             "runs_dir": str(settings.runs_dir),
             "data": _data_description(configs[("srcnn", settings.scales[0])]),
             **meta,
