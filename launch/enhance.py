@@ -145,6 +145,9 @@ def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, whi
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs each step of a restore at INFO, burying the progress bars and the scores.
+        logging.set_verbosity(logging.WARNING)
     try:
         return run(
             _WORKDIR.value,

@@ -32,6 +32,11 @@ def workdir(nifti_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def resolver(workdir):
+    return petsr_jax.load(workdir)
+
+
+@pytest.fixture(scope="module")
 def dicom_input(nifti_root, tmp_path_factory):
     """A PET DICOM series folder of one patient, as a scanner export would be."""
     folder = tmp_path_factory.mktemp("scans") / "patient_a"
@@ -52,7 +57,9 @@ def _digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(workdir, dicom_input, tmp_path):
+def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(
+    workdir, resolver, dicom_input, tmp_path
+):
     before = _digest(dicom_input)
     out = tmp_path / "out"
     run = _enhance(
@@ -66,7 +73,7 @@ def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(workdir, dicom_inp
     assert _digest(dicom_input) == before, "the input series changed"
 
     source = io.read_volume(dicom_input)
-    expected = petsr_jax.load(workdir)(source)
+    expected = resolver(source)
     dicom = io.read_volume(out / "patient_a")
     nifti = io.read_volume(out / "patient_a.nii.gz")
     for result in (dicom, nifti):
@@ -87,7 +94,9 @@ def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(workdir, dicom_inp
     assert header.StudyInstanceUID == source.headers[0].StudyInstanceUID
 
 
-def test_reconstruct_mode_prints_scores_against_the_original(workdir, dicom_input, tmp_path):
+def test_reconstruct_mode_prints_scores_against_the_original(
+    workdir, resolver, dicom_input, tmp_path
+):
     out = tmp_path / "out"
     run = _enhance(
         f"--workdir={workdir}",
@@ -116,7 +125,7 @@ def test_reconstruct_mode_prints_scores_against_the_original(workdir, dicom_inpu
     assert all(np.isfinite(float(v)) for v in (sr_psnr, bicubic_ssim, sr_ssim))
 
     written = io.read_volume(out / "patient_a.nii.gz")
-    recovered = petsr_jax.load(workdir).reconstruct(source).sr
+    recovered = resolver.reconstruct(source).sr
     np.testing.assert_allclose(written.data, recovered.data, rtol=1e-5, atol=1e-3)
 
 
