@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 
 from petsr_jax import checkpoint, data
+from petsr_jax.config import base_config
 from petsr_jax.degrade import degrade
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
@@ -121,9 +122,26 @@ def read_config(workdir) -> ml_collections.ConfigDict:
         if not isinstance(holder, dict) or key not in holder:
             name = f"{section}.{key}" if section else key
             raise InferenceError(f"{path}: field {name} is missing; not a petsr_jax config")
-    config = ml_collections.ConfigDict(fields)
+    try:
+        defaults = base_config(fields["model"]["name"])
+    except ValueError as error:
+        raise InferenceError(f"{path}: field model.name: {error}") from None
+    # The saved values win; defaults only fill fields added to the project after the run, so
+    # an older workdir still loads.
+    config = _overlay(defaults, fields)
     config.lock()
     return config
+
+
+def _overlay(defaults: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(defaults.get(key), ml_collections.ConfigDict):
+            _overlay(defaults[key], value)
+            continue
+        if key in defaults:
+            del defaults[key]  # the saved type wins too (a field whose type changed since)
+        defaults[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+    return defaults
 
 
 def read_data_info(workdir) -> dict | None:

@@ -125,6 +125,17 @@ def test_bad_inputs_are_refused_with_a_reason(resolver, volume, tmp_path):
         petsr_jax.load(tmp_path)
 
 
+def test_a_config_saved_before_newer_fields_gets_their_defaults(workdir, tmp_path):
+    saved = json.loads((workdir / "config.json").read_text())
+    del saved["eval"]["batch_size"], saved["model"]["in_channels"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = inference.read_config(tmp_path)
+    assert config.eval.batch_size == 8 and config.model.in_channels == 1  # base_config's
+    assert config.model.num_blocks == 2 and config.scale == 8  # the run's own values
+    with pytest.raises(AttributeError):
+        config.new_field = 1  # locked, like a config built by build_config
+
+
 def test_workdir_without_checkpoints_names_the_folder(workdir, tmp_path):
     (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
     with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path)):
