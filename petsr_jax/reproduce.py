@@ -19,6 +19,10 @@ the same scale; both share the test split and the one `degrade()`, so the two me
 agree. `reproduce` checks that they do and stops with `ReproduceError` otherwise: a mismatch means
 the runs did not see the same test data, and no table built from them would be a comparison.
 
+The figures come from each run's best validation params, loaded as a user would
+(`petsr_jax.inference.load`): Figures 2–4 degrade the test slices and recover them
+(`reconstruct`), Figure 5 applies the networks to the original slices as they are (`enhance`).
+
 Each run lives in `<runs>/<model>_x<scale>[_quick][_tiny][_<hash of key=value overrides>]`, so a
 quick run never answers for a full one. A workdir whose `config.json` differs from the config
 asked for in a field that changes results is refused rather than silently reused.
@@ -255,10 +259,15 @@ class RunRecord:
 
 def run_all(settings: Settings, configs: dict, *, progress: bool = True) -> dict:
     """(model, scale) → `RunRecord`: train what is missing, resume what was cut, reuse the rest."""
+    workdirs = {
+        key: (Path(settings.runs_dir) / run_name(*key, settings)).absolute() for key in configs
+    }
+    # Every workdir is checked before the first run starts, so a refusal costs no training.
+    for key, config in configs.items():
+        check_reusable(workdirs[key], config)
     records = {}
     for (model, scale), config in configs.items():
-        workdir = (Path(settings.runs_dir) / run_name(model, scale, settings)).absolute()
-        check_reusable(workdir, config)
+        workdir = workdirs[(model, scale)]
         results_path = workdir / "results.json"
         before = results_path.stat().st_mtime_ns if results_path.exists() else None
         resumable = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
@@ -330,6 +339,10 @@ def lpips_note(config, test: dict) -> str | None:
     return test.get("lpips_unavailable", "LPIPS unavailable")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _cell(entry: dict, metric: str, digits: int, missing: str) -> str:
     if metric not in entry:
         return f"n/a ({missing})" if missing else "n/a"
@@ -380,8 +393,8 @@ def table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Ours: mean ± std over {test['num_slices']} test slices of {test['num_patients']} "
-        "patients, images normalised per volume to [0, 1]."
+        f"Ours: mean ± std over {_count(test['num_slices'], 'test slice')} of "
+        f"{_count(test['num_patients'], 'patient')}, images normalised per volume to [0, 1]."
         + (f" Paper columns: {PAPER_SOURCE}." if has_paper else " The paper has no table here."),
     ]
     notes = {row["lpips_note"] for row in rows if row["lpips_note"]}
@@ -588,7 +601,8 @@ def protocol_description(settings: Settings) -> str:
 
 def _split_description(record: RunRecord) -> str:
     split = _read_json(record.workdir / "split.json")
-    return ", ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test")) + " patients"
+    counts = ", ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test"))
+    return f"{counts} patients"
 
 
 def report_markdown(settings, configs, records, tables, figures, enhancement, meta) -> str:
