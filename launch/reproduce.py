@@ -15,7 +15,7 @@ perf.configure_cpu()  # before JAX starts: XLA CPU flags that speed up training 
 import shlex  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from petsr_jax import data, distributed, reproduce  # noqa: E402
 from petsr_jax.config import build_config  # noqa: E402
@@ -48,12 +48,17 @@ def main(argv):
         first = build_config("srcnn", settings.model_arg(scales[0]))
     except (KeyError, ValueError) as e:
         raise app.UsageError(f"--config_arg: {e}") from None
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save and restore at INFO, burying the progress bars.
+        logging.set_verbosity(logging.WARNING)
     # Before anything asks JAX for its devices: a multi-process run needs the runtime first.
     distributed.initialize(first)
     try:
-        reproduce.reproduce(settings, command=shlex.join(["python"] + sys.argv))
+        summary = reproduce.reproduce(settings, command=shlex.join(["python"] + sys.argv))
     except (reproduce.ReproduceError, data.DataError) as e:
         sys.exit(f"reproduce: {e}")
+    for run in summary["runs"]:
+        print(f"{run['model']} {run['scale']}x: {run['status']} ({run['workdir']})")
     print(f"Report: {settings.out_dir}/report.md")
 
 
