@@ -31,7 +31,7 @@ FLAGS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "srcnn": {
             "data.cohort": "small",
-            "data.split": "8,2,2",
+            "data.split": "8/2/2",
             "data.crop_size": 64,
             "train.batch_size": 16,
             "train.epochs": 40,
@@ -41,7 +41,7 @@ FLAGS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "deepsr": {
             "data.cohort": "small",
-            "data.split": "8,2,2",
+            "data.split": "8/2/2",
             "data.crop_size": 64,
             "model.num_blocks": 6,
             "model.width": 32,
@@ -57,7 +57,7 @@ FLAGS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "srcnn": {
             "data.cohort": "tiny",
-            "data.split": "2,1,1",
+            "data.split": "2/1/1",
             "data.crop_size": 32,
             "train.batch_size": 4,
             "train.epochs": 1,
@@ -69,7 +69,7 @@ FLAGS: dict[str, dict[str, dict[str, Any]]] = {
         },
         "deepsr": {
             "data.cohort": "tiny",
-            "data.split": "2,1,1",
+            "data.split": "2/1/1",
             "data.crop_size": 32,
             "model.num_blocks": 2,
             "model.width": 8,
@@ -113,9 +113,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # Preset of the embedded cohort used when root is empty: paper | small | tiny.
             "cohort": "paper",
             "cohort_seed": 0,
-            # Patients per train,val,test split (paper: 20/4/9 of 33), drawn with split_seed;
+            # Patients per train/val/test split (paper: 20/4/9 of 33), drawn with split_seed;
             # or an explicit JSON file {"train": [...], "val": [...], "test": [...]}.
-            "split": "20,4,9",
+            "split": "20/4/9",
             "split_seed": 0,
             "split_file": "",
             # Val/test slices: "mask" (brain slices by the brain mask, else by intensity),
@@ -254,13 +254,13 @@ class ConfigError(ValueError):
 
 
 def parse_split(text: str) -> tuple[int, int, int]:
-    """`"20,4,9"` → (20, 4, 9)."""
+    """`"20/4/9"` (or `"20,4,9"` in Python code) → (20, 4, 9)."""
     try:
-        counts = tuple(int(x) for x in text.split(","))
+        counts = tuple(int(x) for x in text.replace(",", "/").split("/"))
     except ValueError:
         counts = ()
     if len(counts) != 3 or min(counts) < 0:
-        raise ConfigError(f"data.split: expected 'train,val,test' patient counts, got {text!r}")
+        raise ConfigError(f"data.split: expected 'train/val/test' patient counts, got {text!r}")
     return counts  # type: ignore[return-value]
 
 

@@ -102,7 +102,7 @@ def split_patients(
         if sum(counts) > len(ids):
             raise DataError(
                 f"split {counts} needs {sum(counts)} patients but the data root has {len(ids)}; "
-                "set data.split (e.g. data.split=2,1,1)"
+                "set data.split (e.g. data.split=2/1/1)"
             )
         order = np.random.default_rng(seed).permutation(len(ids))
         n_train, n_val, n_test = counts

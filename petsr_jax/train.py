@@ -55,8 +55,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
 def init_state(config, model, tx, image_size: int) -> TrainState:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, rng = jax.random.split(rng)
-    dummy = jnp.zeros((1, image_size, image_size, config.model.in_channels), jnp.float32)
-    params = model.init(init_rng, dummy)["params"]
+    # Parameter shapes do not depend on the image size: a small dummy and one jitted init
+    # compile much faster than tracing every layer eagerly at full size.
+    del image_size
+    dummy = jnp.zeros((1, 16, 16, config.model.in_channels), jnp.float32)
+    params = jax.jit(model.init)(init_rng, dummy)["params"]
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
     )
@@ -330,7 +333,17 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         "test": evaluate.summarise(scores, test_set.patient),
     }
     if _is_primary():
+        # The figure is predicted on this process's own devices from a host copy of the params:
+        # a computation on the global mesh would wait for the other processes, which do not
+        # write outputs and are already past this point.
         report.write_run_outputs(
-            workdir, config, results, params, test_set, model=model, mesh=mesh, scores=scores
+            workdir,
+            config,
+            results,
+            jax.device_get(params),
+            test_set,
+            model=model,
+            mesh=sharding.make_mesh(jax.local_devices()),
+            scores=scores,
         )
     return results

@@ -10,7 +10,7 @@ from petsr_jax.config import ConfigError, build_config, validate
 def test_paper_protocol_is_the_default():
     deepsr, srcnn = build_config("deepsr"), build_config("srcnn")
     assert (deepsr.train.lr, srcnn.train.lr) == (1e-4, 1e-3)
-    assert deepsr.train.epochs == 50 and deepsr.data.split == "20,4,9"
+    assert deepsr.train.epochs == 50 and deepsr.data.split == "20/4/9"
     assert (deepsr.model.num_blocks, deepsr.model.width, deepsr.model.global_skip) == (
         20,
         64,
@@ -60,7 +60,7 @@ def test_config_serialises_to_json():
         ("scale=200", "scale"),
         ("train.batch_size=6", "train.batch_size"),
         ("data.root=/nonexistent/petsr", "data.root"),
-        ("data.split=20,4", "data.split"),
+        ("data.split=20/4", "data.split"),
         ("data.eval_slices=brain", "data.eval_slices"),
         ("data.cohort=huge", "data.cohort"),
         ("model.global_skip=input", "model.global_skip"),
