@@ -10,6 +10,8 @@ Rerunning the same command skips finished runs and resumes interrupted ones. The
 `petsr_jax.ablation` (usable from a notebook).
 """
 
+import sys
+
 from petsr_jax import perf
 
 perf.configure_cpu()  # before JAX starts: XLA CPU flags that speed up training (no-op on GPUs)
@@ -40,7 +42,7 @@ def main(argv):
     try:
         table = ablation.run_sweep(config, _SWEEP.value, _VALUES.value, _RUNS.value, _OUT.value)
     except ablation.AblationError as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(f"launch/ablate.py: {e}")  # the reason alone, without the flags' help
     if jax.process_index() == 0:
         print(ablation.table_markdown(table))
 

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from petsr_jax import checkpoint, data, evaluate, report, sharding, train
-from petsr_jax.config import _parse_value, field_names, validate
+from petsr_jax.config import ConfigError, _parse_value, field_names, parse_split, validate
 from petsr_jax.models import create_model
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _split_counts(text):
+    """Patient counts of a `data.split` text, so "8,2,2" and "8/2/2" compare equal."""
+    try:
+        return parse_split(text)
+    except (ConfigError, AttributeError):
+        return text
+
+
 def config_differences(workdir: Path, config) -> list[str]:
     """Fields where the config a workdir was trained with differs from `config` (those that
     change what is learned); empty when the workdir holds no run yet."""
@@ -190,6 +198,8 @@ def config_differences(workdir: Path, config) -> list[str]:
     except (OSError, ValueError) as e:
         raise AblationError(f"{path}: unreadable ({e}); delete the workdir to rerun it") from None
     wanted = _flatten(json.loads(config.to_json()))
+    for flat in (recorded, wanted):
+        flat["data.split"] = _split_counts(flat.get("data.split"))
     return [
         f"{key}: {recorded.get(key)!r} there, {wanted.get(key)!r} here"
         for key in sorted(set(recorded) | set(wanted))

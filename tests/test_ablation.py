@@ -205,6 +205,10 @@ def test_a_workdir_of_another_config_is_not_reused(finished_sweep):
     # Logging and evaluation settings do not change what a run learned.
     chatty = _config(config.data.root, **{"train.log_every_steps": 1, "eval.lpips": True})
     assert len(ablation.plan_sweep(chatty, "depth", DEPTHS, runs)[1]) == 2
+    # The same patient counts written the other way are the same split.
+    spelled = ablation.with_value(config, "data.split", config.data.split.replace("/", ","))
+    assert spelled.data.split != config.data.split
+    assert len(ablation.plan_sweep(spelled, "depth", DEPTHS, runs)[1]) == 2
 
 
 def test_values_are_typed_like_the_field_and_named_compactly(nifti_root):
