@@ -31,7 +31,9 @@ _SWEEP = flags.DEFINE_string(
 _VALUES = flags.DEFINE_list("values", None, "Comma-separated values, typed like the field.")
 _RUNS = flags.DEFINE_string("runs", "runs/ablation", "Folder holding one workdir per run.")
 _OUT = flags.DEFINE_string(
-    "out", None, "Folder for the table and plots (default: <runs>/<model>_x<scale>_<sweep>_sweep)."
+    "out",
+    None,
+    "Folder for the table and plots (default: <runs>/<model>_x<scale>[_<cohort>]_<sweep>_sweep).",
 )
 
 
