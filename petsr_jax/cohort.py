@@ -1042,7 +1042,7 @@ def generate_patient(spec: CohortSpec, index: int, seed: int = 0) -> dict[str, A
     Returns a dict with, all `[slices, size, size]` on the output grid:
       pet: float32 reconstructed PET, Bq/mL.
       activity: float32 true activity (lesions included, no blur or noise), Bq/mL.
-      t1: float32 co-registered T1 MR (arbitrary units, template scale).
+      t1: float32 co-registered T1 MR (integer-valued, template scale: white matter ≈ 220).
       mask: uint8 brain mask (1 inside the skull-stripped brain).
       labels: uint8 tissue codes (`LABELS`).
       lesions: uint8 lesion labels 1..K (0 elsewhere).
@@ -1087,7 +1087,9 @@ def generate_patient(spec: CohortSpec, index: int, seed: int = 0) -> dict[str, A
     bias = SmoothField.draw(mr_rng, amplitude=0.08)
     x, y, z = grid_axes(spec, spec.size)
     t1 = t1 * (1.0 + bias.on_grid(x, y, z)) * mr_rng.uniform(0.9, 1.1)
-    t1 = np.abs(t1 + mr_rng.normal(0.0, 4.0, t1.shape)).astype(np.float32)  # Rician-like floor
+    # Magnitude images have a Rician noise floor; scanners store integers (which also makes the
+    # NIfTI file three times smaller than float noise would).
+    t1 = np.rint(np.abs(t1 + mr_rng.normal(0.0, 4.0, t1.shape))).astype(np.float32)
 
     facts = {
         "patient_id": patient_id(index),
