@@ -2,9 +2,19 @@
 
 `<workdir>/checkpoints/<step>/` holds the train state (params, optimizer state, step, RNG) and
 the Grain iterator position, so a rerun resumes exactly where the last save left off.
-`<workdir>/best/<step>/` holds params only, kept for the best validation PSNR. Orbax finalises
-a step by renaming its temporary folder, so a run killed mid-save leaves the previous step as the
-latest restorable one.
+`<workdir>/best/<step>/` holds params only, kept for the best validation PSNR. Orbax writes a step
+into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a run killed mid-save (even by
+`kill -9`) leaves the previous step as the latest restorable one.
+
+With several processes every process calls `save` and `restore`; Orbax writes each process's
+shards and process 0 the metadata. The Grain iterator state is saved once, by process 0: it counts
+global batches (`{"next_index": n}`), the same on every process, because each process reads its
+share of every global batch (`data.train_dataset`). For the same reason a run can resume with a
+different number of processes.
+
+Restoring checks the checkpoint's tree against the model first, so a checkpoint of another model
+or config is named as such instead of surfacing as an Orbax shape error; anything Orbax cannot
+read is reported as a damaged step, with the earlier steps to fall back to.
 """
 
 from __future__ import annotations
@@ -17,14 +27,154 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored into this run; the message says why."""
+    """A checkpoint that cannot be restored into this run; the message says why and what to do."""
+
+
+# Config fields that decide what a run's checkpoints mean. Resuming a workdir with any of them
+# changed would restore a different model (shape errors at best) or silently continue another
+# experiment; fields absent here (epochs, learning rate, eval and logging cadence, LPIPS,
+# distributed launch, compute dtype, loader workers) may change between a run and its resumption.
+RUN_IDENTITY_FIELDS = (
+    "model.name",
+    "model.num_blocks",
+    "model.width",
+    "model.global_skip",
+    "model.in_channels",
+    "scale",
+    "seed",
+    "data.root",
+    "data.cohort",
+    "data.cohort_seed",
+    "data.split",
+    "data.split_seed",
+    "data.split_file",
+    "data.crop_size",
+    "data.flip",
+    "train.batch_size",
+)
+
+_ARCHITECTURE_FIELDS = ("model.num_blocks", "model.width", "model.global_skip")
+
+# How many differing leaves a mismatch message lists before summarising the rest.
+_MAX_LISTED = 6
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _abstract(tree):
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        tree,
+    """Restore targets: shapes and dtypes of `tree`, placed as its leaves are.
+
+    Leaves without a sharding (numpy arrays, bare `ShapeDtypeStruct`s) go to this process's first
+    device: Orbax would otherwise fall back to the saved sharding, whose devices (another GPU
+    count, another host) need not exist here.
+    """
+
+    def target(x):
+        sharding = getattr(x, "sharding", None) or _default_sharding()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(target, tree)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """`"params/conv_in/kernel"`-style path → shape of every array leaf."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        out["/".join(_key_name(k) for k in path)] = tuple(getattr(leaf, "shape", ()))
+    return out
+
+
+def _key_name(key) -> str:
+    # Dict keys, dataclass / named-tuple fields and sequence indices name the same thing in a
+    # live tree and in Orbax's saved metadata (which stores named tuples as dicts).
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def describe_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> str | None:
+    """What differs between a checkpoint's and a model's `path → shape` maps, or None."""
+    problems = []
+    only_saved = sorted(set(saved) - set(expected))
+    only_expected = sorted(set(expected) - set(saved))
+    if only_saved:
+        problems.append(
+            f"{len(only_saved)} arrays in the checkpoint that this model lacks "
+            f"({_listing(only_saved)})"
+        )
+    if only_expected:
+        problems.append(
+            f"{len(only_expected)} arrays of this model missing from the checkpoint "
+            f"({_listing(only_expected)})"
+        )
+    reshaped = [k for k in sorted(set(saved) & set(expected)) if saved[k] != expected[k]]
+    if reshaped:
+        described = [f"{k}: {saved[k]} saved, {expected[k]} expected" for k in reshaped]
+        problems.append(f"{len(reshaped)} arrays of another shape ({_listing(described)})")
+    return "; ".join(problems) or None
+
+
+def _listing(items: list[str]) -> str:
+    return ", ".join(items[:_MAX_LISTED]) + (", ..." if len(items) > _MAX_LISTED else "")
+
+
+def _saved_shapes(item_dir: Path) -> dict[str, tuple] | None:
+    """`path → shape` of a saved pytree item from its metadata; None when that is unreadable."""
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(item_dir)
+    except Exception:  # a damaged _METADATA: the restore itself reports it as damage
+        return None
+    tree = getattr(metadata, "tree", metadata)
+    return _shapes(tree)
+
+
+def _under(shapes: dict[str, tuple], prefix: str) -> dict[str, tuple]:
+    return {k[len(prefix) + 1 :]: v for k, v in shapes.items() if k.startswith(prefix + "/")}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _check_structure(item_dir: Path, like, what: str) -> None:
+    saved = _saved_shapes(item_dir)
+    if saved is None:
+        return
+    expected = _shapes(like)
+    if what == "params of a full state":
+        saved = _under(saved, "params")
+    mismatch = None
+    if what == "state":
+        # The params tell models apart; the optimizer state repeats their differences.
+        mismatch = describe_mismatch(_under(saved, "params"), _under(expected, "params"))
+    mismatch = mismatch or describe_mismatch(saved, expected)
+    if mismatch:
+        raise CheckpointError(
+            f"checkpoint {item_dir.parent} was written by a different model or config than the "
+            f"one restoring it: {mismatch}. Restore it with the config it was trained with "
+            f"(config.json in its workdir), or train this config in a new workdir."
+        )
+
+
+def _damaged(step_dir: Path, error: BaseException, earlier: list[int]) -> CheckpointError:
+    fallback = (
+        f"Delete {step_dir} to resume from step {max(earlier)} (also kept: "
+        f"{', '.join(map(str, sorted(earlier)))}), or start a new workdir."
+        if earlier
+        else "No earlier step is kept; start a new workdir."
     )
+    return CheckpointError(
+        f"checkpoint {step_dir} cannot be read; its files are damaged or incomplete "
+        f"({_first_line(error)}). {fallback}"
+    )
+
+
+def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
+    return ocp.CheckpointManagerOptions(create=True, **kwargs)
 
 
 class Checkpoints:
@@ -32,15 +182,28 @@ class Checkpoints:
 
     def __init__(self, workdir: str | Path, keep: int = 3):
         workdir = Path(workdir).absolute()
+        # Both managers save the same step numbers; with several processes their barriers are
+        # named after the step, so without distinct prefixes the second save of a step meets
+        # the first one's barrier "already ongoing" and times out.
         self.last = ocp.CheckpointManager(
             workdir / "checkpoints",
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=_manager_options(
+                max_to_keep=keep,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix="petsr_last"
+                ),
+            ),
             item_names=("state", "data_iter"),
         )
         self.best = ocp.CheckpointManager(
             workdir / "best",
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, best_fn=lambda m: m["val_psnr"], best_mode="max"
+            options=_manager_options(
+                max_to_keep=1,
+                best_fn=lambda m: m["val_psnr"],
+                best_mode="max",
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    barrier_sync_key_prefix="petsr_best"
+                ),
             ),
             item_names=("params",),
         )
@@ -59,6 +222,8 @@ class Checkpoints:
 
     def restore(self, step: int, like_state):
         """(state, data_iter_state) of `step`, laid out like `like_state` (same shardings)."""
+        step_dir = Path(self.last.directory) / str(step)
+        _check_structure(step_dir / "state", like_state, "state")
         try:
             restored = self.last.restore(
                 step,
@@ -68,11 +233,8 @@ class Checkpoints:
                 ),
             )
         except Exception as e:
-            raise CheckpointError(
-                f"cannot restore checkpoint step {step} from {self.last.directory}: it is corrupt "
-                f"or was written by a different model/config ({type(e).__name__}: {e}). Use a "
-                "new workdir, or delete that step to fall back to an earlier one."
-            ) from e
+            earlier = [s for s in self.last.all_steps() if s < step]
+            raise _damaged(step_dir, e, earlier) from e
         return restored.state, restored.data_iter
 
     def save_best(self, step: int, params, val_psnr: float) -> None:
@@ -89,9 +251,15 @@ class Checkpoints:
         step = self.best.best_step()
         if step is None:
             return None
-        restored = self.best.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like_params)))
-        )
+        step_dir = Path(self.best.directory) / str(step)
+        _check_structure(step_dir / "params", like_params, "params")
+        try:
+            restored = self.best.restore(
+                step,
+                args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like_params))),
+            )
+        except Exception as e:
+            raise _damaged(step_dir, e, []) from e
         return restored.params
 
     def wait(self) -> None:
@@ -108,32 +276,103 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
 
     `which="best"` takes the best validation checkpoint, falling back to the latest full state;
     `"last"` takes the latest full state. Only the params are read (a partial restore).
+    `like_params` gives shapes, dtypes and placement (arrays or `jax.ShapeDtypeStruct`s); leaves
+    without a sharding land on this process's first device, whatever devices saved them.
+    Raises `CheckpointError` for a workdir without checkpoints, a checkpoint of another model,
+    or damaged files.
     """
+    if which not in ("best", "last"):
+        raise ValueError(f"which: expected 'best' or 'last', got {which!r}")
     workdir = Path(workdir).absolute()
     like = _abstract(like_params)
     if which == "best" and (workdir / "best").is_dir():
         with ocp.CheckpointManager(workdir / "best", item_names=("params",)) as mngr:
             step = mngr.latest_step()
             if step is not None:
-                return mngr.restore(
-                    step, args=ocp.args.Composite(params=ocp.args.StandardRestore(like))
-                ).params
+                step_dir = workdir / "best" / str(step)
+                _check_structure(step_dir / "params", like, "params")
+                try:
+                    return mngr.restore(
+                        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(like))
+                    ).params
+                except Exception as e:
+                    raise _damaged(step_dir, e, []) from e
     with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data_iter")) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise CheckpointError(
-                f"{workdir} holds no checkpoint (looked in best/ and checkpoints/)"
+                f"{workdir} holds no checkpoint (looked in best/ and checkpoints/); is it the "
+                "workdir of a training run?"
             )
-        restored = mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item={"params": like},
-                    partial_restore=True,
-                )
-            ),
-        )
+        step_dir = workdir / "checkpoints" / str(step)
+        _check_structure(step_dir / "state", like, "params of a full state")
+        target = {"params": like}
+        try:
+            restored = mngr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except Exception as e:
+            earlier = [s for s in mngr.all_steps() if s < step]
+            raise _damaged(step_dir, e, earlier) from e
         return restored.state["params"]
+
+
+def check_resumable(workdir: str | Path, config) -> None:
+    """Refuse to resume a workdir whose recorded config differs in what defines the run.
+
+    Compares `<workdir>/config.json` (written when the run started) with `config` on
+    `RUN_IDENTITY_FIELDS`, when the workdir already holds checkpoints. Raises `CheckpointError`
+    naming each differing field with both values.
+    """
+    workdir = Path(workdir)
+    recorded_path = workdir / "config.json"
+    has_checkpoints = any(
+        (workdir / sub).is_dir() and any((workdir / sub).iterdir())
+        for sub in ("checkpoints", "best")
+    )
+    if not has_checkpoints or not recorded_path.is_file():
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(
+            f"{recorded_path} cannot be read ({e}); it records the config of the checkpoints "
+            f"in {workdir}. Restore it, or start a new workdir."
+        ) from None
+    current = json.loads(config.to_json())
+    differences = []
+    other_model = _lookup(recorded, "model.name") != _lookup(current, "model.name")
+    for field in RUN_IDENTITY_FIELDS:
+        if other_model and field in _ARCHITECTURE_FIELDS:
+            continue  # another network altogether: its depth and width would only add noise
+        before, now = _lookup(recorded, field), _lookup(current, field)
+        if before is not _MISSING and before != now:
+            differences.append(f"{field}: {before!r} in the workdir, {now!r} now")
+    if differences:
+        raise CheckpointError(
+            f"{workdir} holds checkpoints of a run with another config ("
+            + "; ".join(differences)
+            + "). Give a new --workdir for this config, or resume with the workdir's config.json."
+        )
+
+
+_MISSING = object()
+
+
+def _lookup(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
 
 
 def read_json(path: Path) -> dict:
