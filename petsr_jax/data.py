@@ -398,16 +398,20 @@ def train_dataset(
 ) -> grain.MapDataset:
     """Infinite, per-epoch reshuffled, augmented, batched training records of one process.
 
-    `batch_size` is the global batch. Process p takes records p, p + P, ... of the shuffled
-    stream and batches `batch_size / P` of them, so the processes' step-t batches together are
-    exactly the single-process step-t batch, whatever the number of processes.
+    `batch_size` is the global batch. The shuffled, augmented stream is cut into blocks of
+    `batch_size / P` records and process p takes blocks p, p + P, ...: its step-t batch is the
+    p-th block of the single-process step-t batch, crops and flips included, so the processes'
+    batches laid side by side on the `data` mesh are that batch exactly, whatever P is.
     """
     if batch_size % process_count:
         raise ValueError(f"global batch {batch_size} not divisible by {process_count} processes")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds[process_index::process_count]
+    # Augment before selecting this process's records: Grain seeds each record's augmentation
+    # by its index in the dataset it is applied to, which must be the global stream's index.
+    # The dataset is lazy, so records of other processes are never read or augmented here.
     ds = ds.random_map(CropFlip(crop_size, flip), seed=seed)
-    return ds.batch(batch_size // process_count, drop_remainder=True)
+    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    return ds[process_index::process_count]
 
 
 def train_iterator(ds: grain.MapDataset, num_workers: int = 0):
