@@ -164,6 +164,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     validate(config)
     workdir = Path(workdir).absolute()
     check_workdir(workdir)
+    # Before config.json is rewritten below and before a finished run's results are returned:
+    # another config must not resume, or be answered by, this workdir's checkpoints.
+    checkpoint.check_resumable(workdir, config)
     results_path = workdir / "results.json"
 
     root = data.resolve_root(config)
