@@ -2,7 +2,19 @@
 
 python launch/main.py --config=configs/deepsr.py:scale=8
 python launch/main.py --config=configs/srcnn.py:scale=8,quick --workdir=runs/srcnn_quick
+
+Several processes (hosts, or one process per GPU) run the same command; JAX's runtime starts
+from a SLURM `srun` or Open MPI job step by itself, or from explicit flags on every process:
+
+python launch/main.py --config=configs/deepsr.py:scale=8 --workdir=/shared/runs/deepsr \
+    --config.distributed.coordinator_address=host0:12345 \
+    --config.distributed.num_processes=2 --config.distributed.process_id=0   # 1 on host1
+
+A bad config, data root, workdir or checkpoint ends with one line naming the problem and exit
+status 2; a run whose loss diverges exits with status 3 and keeps its last good checkpoint.
 """
+
+import sys
 
 from petsr_jax import perf
 
@@ -12,8 +24,8 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import distributed, report, train  # noqa: E402
-from petsr_jax.config import validate  # noqa: E402
+from petsr_jax import checkpoint, data, distributed, io, report, train  # noqa: E402
+from petsr_jax.config import ConfigError, validate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and its arg.", lock_config=True
@@ -22,18 +34,41 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run folder (default: runs/<model>_x<scale>[_<flags>])."
 )
 
+# Errors about the user's inputs: their messages say what to change, a traceback adds nothing.
+USER_ERRORS = (
+    ConfigError,
+    distributed.DistributedError,
+    data.DataError,
+    io.ScanError,
+    checkpoint.CheckpointError,
+    OSError,
+)
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
-    distributed.initialize(config)
+
+def run(config, workdir: str | None) -> dict:
+    distributed.initialize(config)  # first: it must precede anything that starts JAX
     validate(config)
-    workdir = _WORKDIR.value or train.default_workdir(config)
+    workdir = workdir or train.default_workdir(config)
     logging.info("workdir: %s", workdir)
     results = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         print(report.results_markdown(results))
         print(f"Outputs in {workdir}: results.json, results.md, test_slices.png, tensorboard/")
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as error:
+        print(f"main.py: error: {error}", file=sys.stderr)
+        return 2
+    except train.TrainingDiverged as error:
+        print(f"main.py: training diverged: {error}", file=sys.stderr)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
