@@ -174,7 +174,9 @@ def _damaged(step_dir: Path, error: BaseException, earlier: list[int]) -> Checkp
 
 
 def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
-    return ocp.CheckpointManagerOptions(create=True, **kwargs)
+    # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp`; it is never restored from, and
+    # cleaning it when the run restarts keeps the workdir free of half-written folders.
+    return ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True, **kwargs)
 
 
 class Checkpoints:

@@ -14,10 +14,13 @@ figure into the workdir.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -108,14 +111,52 @@ def _steps(config, num_train_slices: int) -> tuple[int, int]:
 
 
 def check_workdir(workdir: Path) -> None:
-    """Fail early, with the path in the message, when outputs cannot be written."""
+    """Fail early, with the path in the message, when outputs cannot be written.
+
+    A real write (flushed to the disk), not permission bits: root passes every permission check,
+    while a read-only mount, a full disk or a file in the way still stop it.
+    """
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"workdir {workdir} is a file, not a folder; choose another")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / f".write_test_{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        # A unique name: processes of a multi-host run may share the folder and a pid.
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_") as probe:
+            probe.write(b"0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as e:
-        raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(workdir) else ""
+        raise OSError(
+            e.errno, f"workdir {workdir} is not writable: {e.strerror or e}{where}"
+        ) from e
+
+
+# Room for metrics, TensorBoard events, the figure and result files beside the checkpoints.
+OUTPUT_MARGIN_BYTES = 16 * 2**20
+
+
+def check_free_space(workdir: Path, state, keep: int) -> None:
+    """Fail before training when the workdir's disk cannot hold the run's checkpoints.
+
+    Orbax writes a new step before deleting the oldest, so a run holds up to `keep + 1` full
+    states (params and optimizer state) and one params-only best checkpoint; steps already in
+    the workdir are replaced, not added.
+    """
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    folder = Path(workdir) / "checkpoints"
+    existing = sum(1 for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else 0
+    needed = max(keep + 1 - existing, 1) * state_bytes + params_bytes + OUTPUT_MARGIN_BYTES
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"workdir {workdir} has {free / 2**20:.1f} MiB free; this run's checkpoints and "
+            f"outputs need about {needed / 2**20:.1f} MiB. Free some space or choose another "
+            "--workdir",
+        )
 
 
 def default_workdir(config) -> str:
@@ -204,6 +245,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     image_size = config.data.crop_size or int(train_set.hr.shape[1])
     state = init_state(config, model, tx, image_size)
     state = sharding.replicate(state, mesh)
+    check_free_space(workdir, state, config.train.keep_checkpoints)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
     source = data.SliceSource(
