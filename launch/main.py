@@ -60,6 +60,8 @@ def run(config, workdir: str | None) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO, burying the bar
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as error:
