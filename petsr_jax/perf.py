@@ -151,20 +151,25 @@ def peak_flops(device, dtype: str) -> float | None:
 # -------------------------------------------------------------------------------- measurement
 
 
-def time_calls(fn: Callable[[], object], steps: int, warmup: int) -> list[float]:
-    """Wall seconds of `steps` calls of `fn` after `warmup` untimed ones.
+def time_calls(
+    fn: Callable[[], object], steps: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of `steps` calls of `fn` after `warmup` untimed ones.
 
     `fn` must block until its work is done (return only after `block_until_ready`), so each
-    time covers the whole computation, as PyTorch's eager steps do.
+    time covers the whole computation, as PyTorch's eager steps do. CPU seconds (all threads)
+    barely change when other jobs share the cores, so they compare implementations on a busy
+    machine where wall times cannot.
     """
     for _ in range(warmup):
         fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def host_peak_rss_bytes() -> int:
@@ -208,11 +213,13 @@ def _environment(device) -> dict:
     }
 
 
-def _rates(result: dict, times: list[float], items: int, flops: float | None, device, dtype):
+def _rates(result: dict, times, items: int, flops: float | None, device, dtype):
     """Fill per-step time (median, like torch_reference.py), throughput, GFLOP/s and MFU."""
-    dt = statistics.median(times)
+    wall, cpu = times
+    dt = statistics.median(wall)
     result["seconds_per_step"] = dt
-    result["seconds_per_step_min"] = min(times)
+    result["seconds_per_step_min"] = min(wall)
+    result["cpu_seconds_per_step"] = statistics.median(cpu)
     result["images_per_s"] = items / dt
     if flops is None:
         result["gflops_per_s"] = None
@@ -461,7 +468,7 @@ def benchmark_volume(
 # ------------------------------------------------------------------------------ data pipeline
 
 
-def _batches_per_second(iterator: Iterable, batches: int, warmup: int) -> list[float]:
+def _batch_times(iterator: Iterable, batches: int, warmup: int) -> list[float]:
     it = iter(iterator)
     for _ in range(warmup):
         next(it)
@@ -505,7 +512,7 @@ def benchmark_loader(
         ds = data.train_dataset(
             data.SliceSource(path), batch_size=batch, seed=seed, crop_size=crop, flip=True
         )
-        times = _batches_per_second(data.train_iterator(ds, workers), steps, warmup)
+        times = _batch_times(data.train_iterator(ds, workers), steps, warmup)
     total = sum(times)
     side = crop or size
     return {
