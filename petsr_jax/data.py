@@ -173,7 +173,11 @@ def load_patient(root: str | os.PathLike, patient_id: str, path: Path) -> Patien
     bad = ~np.isfinite(volume.data)
     if bad.any():
         slices = sorted(set(np.nonzero(bad)[0].tolist()))
-        raise DataError(f"patient {patient_id} ({path}): NaN or Inf in slices {slices[:10]}")
+        raise DataError(
+            f"patient {patient_id} ({path}): NaN or Inf in {len(slices)} slices: "
+            f"{', '.join(_slice_names(volume, slices[:10]))}{', ...' if len(slices) > 10 else ''}"
+            "; fix or leave out this patient before training"
+        )
     aux = {}
     for folder in AUX_FOLDERS:
         for ext in (".nii.gz", ".nii"):
@@ -195,6 +199,18 @@ def load_patient(root: str | os.PathLike, patient_id: str, path: Path) -> Patien
         labels=aux.get("labels"),
         lesions=aux.get("lesions"),
     )
+
+
+def _slice_names(volume: io.Volume, slices: list[int]) -> list[str]:
+    """`"slice 4"`, with the DICOM file it came from when the volume has one per slice."""
+    headers = volume.headers or []
+    names = []
+    for k in slices:
+        source = (
+            getattr(headers[k], "filename", None) if len(headers) == volume.data.shape[0] else None
+        )
+        names.append(f"slice {k} ({Path(source).name})" if source else f"slice {k}")
+    return names
 
 
 def resolve_root(config) -> Path:
