@@ -133,6 +133,9 @@ def check_workdir(workdir: Path) -> None:
         ) from e
 
 
+# What `report.write_run_outputs` leaves in a finished workdir.
+RUN_OUTPUTS = ("results.json", "results.md", "test_scores.json", "test_slices.png")
+
 # Room for metrics, TensorBoard events, the figure and result files beside the checkpoints.
 OUTPUT_MARGIN_BYTES = 16 * 2**20
 
@@ -220,7 +223,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     eval_every = config.train.eval_every_steps or steps_per_epoch
     ckpt_every = config.train.checkpoint_every_steps or steps_per_epoch
 
-    if results_path.exists():
+    # A run interrupted while writing its outputs has results.json but not all of the rest; it
+    # is evaluated again from its final checkpoint (no training) and its outputs rewritten.
+    if all((workdir / name).exists() for name in RUN_OUTPUTS):
         done = json.loads(results_path.read_text())
         if done.get("step") == total_steps:
             log.info("%s is finished (step %d); not training again", workdir, total_steps)
