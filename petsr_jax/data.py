@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import uuid
 from pathlib import Path
 
 import grain
@@ -329,7 +330,8 @@ def build_slice_set(
 
 
 def _write_cache(folder: Path, s: SliceSet) -> None:
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    # Unique across hosts: the processes of a multi-host run may share this folder and a pid.
+    tmp = folder.with_name(f"{folder.name}.tmp{uuid.uuid4().hex}")
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "hr.npy", s.hr, allow_pickle=False)
     if s.mask is not None:
