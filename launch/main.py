@@ -46,6 +46,7 @@ USER_ERRORS = (
 
 
 def run(config, workdir: str | None) -> dict:
+    """Start the distributed runtime if asked, check the config, train, print the results."""
     distributed.initialize(config)  # first: it must precede anything that starts JAX
     validate(config)
     workdir = workdir or train.default_workdir(config)
