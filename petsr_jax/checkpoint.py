@@ -137,7 +137,10 @@ def _under(shapes: dict[str, tuple], prefix: str) -> dict[str, tuple]:
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+    text = text.splitlines()[0] if text else ""
+    # TensorStore appends a repr of its whole spec to read errors; the sentence before says it.
+    text = text.split(" See full TensorStore details")[0]
+    return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
 def _check_structure(item_dir: Path, like, what: str) -> None:
@@ -161,12 +164,14 @@ def _check_structure(item_dir: Path, like, what: str) -> None:
 
 
 def _damaged(step_dir: Path, error: BaseException, earlier: list[int]) -> CheckpointError:
-    fallback = (
-        f"Delete {step_dir} to resume from step {max(earlier)} (also kept: "
-        f"{', '.join(map(str, sorted(earlier)))}), or start a new workdir."
-        if earlier
-        else "No earlier step is kept; start a new workdir."
-    )
+    if not earlier:
+        fallback = "No earlier step is kept; start a new workdir."
+    else:
+        older = sorted(earlier)[:-1]
+        kept = f" (steps {', '.join(map(str, older))} are kept too)" if older else ""
+        fallback = (
+            f"Delete {step_dir} to resume from step {max(earlier)}{kept}, or start a new workdir."
+        )
     return CheckpointError(
         f"checkpoint {step_dir} cannot be read; its files are damaged or incomplete "
         f"({_first_line(error)}). {fallback}"
@@ -287,8 +292,13 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         raise ValueError(f"which: expected 'best' or 'last', got {which!r}")
     workdir = Path(workdir).absolute()
     like = _abstract(like_params)
+    # Managers that create nothing: reading a folder that is not a workdir must not make one.
+    # (Orbax's read_only option would do too, but warns on every restore.)
+    no_create = ocp.CheckpointManagerOptions(create=False)
     if which == "best" and (workdir / "best").is_dir():
-        with ocp.CheckpointManager(workdir / "best", item_names=("params",)) as mngr:
+        with ocp.CheckpointManager(
+            workdir / "best", options=no_create, item_names=("params",)
+        ) as mngr:
             step = mngr.latest_step()
             if step is not None:
                 step_dir = workdir / "best" / str(step)
@@ -299,13 +309,18 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
                     ).params
                 except Exception as e:
                     raise _damaged(step_dir, e, []) from e
-    with ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data_iter")) as mngr:
+    no_checkpoint = CheckpointError(
+        f"{workdir} holds no checkpoint (looked in best/ and checkpoints/); is it the workdir "
+        "of a training run?"
+    )
+    if not (workdir / "checkpoints").is_dir():
+        raise no_checkpoint
+    with ocp.CheckpointManager(
+        workdir / "checkpoints", options=no_create, item_names=("state", "data_iter")
+    ) as mngr:
         step = mngr.latest_step()
         if step is None:
-            raise CheckpointError(
-                f"{workdir} holds no checkpoint (looked in best/ and checkpoints/); is it the "
-                "workdir of a training run?"
-            )
+            raise no_checkpoint
         step_dir = workdir / "checkpoints" / str(step)
         _check_structure(step_dir / "state", like, "params of a full state")
         target = {"params": like}

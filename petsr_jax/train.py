@@ -20,8 +20,8 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +122,21 @@ def check_workdir(workdir: Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         # A unique name: processes of a multi-host run may share the folder and a pid.
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_") as probe:
-            probe.write(b"0" * 4096)
-            probe.flush()
-            os.fsync(probe.fileno())
+        probe = workdir / f".write_test_{uuid.uuid4().hex}"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, b"0" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            probe.unlink(missing_ok=True)  # also when the disk is full
     except OSError as e:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(workdir) else ""
-        raise OSError(
-            e.errno, f"workdir {workdir} is not writable: {e.strerror or e}{where}"
-        ) from e
+        error = OSError(f"workdir {workdir} is not writable: {e.strerror or e}{where}")
+        error.errno = e.errno  # kept for callers, out of the message a person reads
+        raise error from e
 
 
 # What `report.write_run_outputs` leaves in a finished workdir.
@@ -154,12 +160,13 @@ def check_free_space(workdir: Path, state, keep: int) -> None:
     needed = max(keep + 1 - existing, 1) * state_bytes + params_bytes + OUTPUT_MARGIN_BYTES
     free = shutil.disk_usage(workdir).free
     if free < needed:
-        raise OSError(
-            errno.ENOSPC,
+        error = OSError(
             f"workdir {workdir} has {free / 2**20:.1f} MiB free; this run's checkpoints and "
             f"outputs need about {needed / 2**20:.1f} MiB. Free some space or choose another "
-            "--workdir",
+            "--workdir"
         )
+        error.errno = errno.ENOSPC
+        raise error
 
 
 def default_workdir(config) -> str:

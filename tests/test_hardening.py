@@ -288,6 +288,7 @@ def test_a_full_disk_is_refused_before_training(nifti_root, tmpfs):
     _fails_before_training(
         _config(nifti_root), mount / "run", r"is not writable: No space left on device"
     )
+    assert list((mount / "run").iterdir()) == [], "the write probe is removed"
 
 
 def test_a_nearly_full_disk_is_refused_before_training(nifti_root, tmpfs):
@@ -395,6 +396,14 @@ def test_a_checkpoint_of_another_model_names_the_arrays_that_differ(deepsr_workd
     for which in ("best", "last"):
         with pytest.raises(checkpoint.CheckpointError, match="different model or config"):
             checkpoint.restore_params(deepsr_workdir, _params_like("srcnn"), which=which)
+
+
+def test_restoring_from_a_folder_without_checkpoints_says_so_and_creates_nothing(tmp_path):
+    folder = tmp_path / "not_a_workdir"
+    folder.mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint .*training run"):
+        checkpoint.restore_params(folder, _params_like())
+    assert list(folder.iterdir()) == []
 
 
 def test_params_restore_onto_one_device_whatever_devices_saved_them(finished):
