@@ -8,10 +8,11 @@ roughly doubles the DeepSR train step (measured in `../shared/notes/xla-cpu-perf
 function to call first thing rather than a setting inside the library.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
-inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a whole
-volume (`predict_volume`), and the Grain training loader of `petsr_jax.data`. FLOPs count 2 per
-multiply-add of every convolution of the forward pass, 3× that for a train step, exactly as
-`../shared/bench/torch_reference.py` does, so the two scripts' `gflops_per_s` compare directly.
+inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a
+whole volume (`make_batched_forward`), and the Grain training loader of `petsr_jax.data`. FLOPs
+count 2 per multiply-add of every convolution of the forward pass, 3× that for a train step,
+exactly as `../shared/bench/torch_reference.py` does, so the two scripts' `gflops_per_s` compare
+directly.
 """
 
 from __future__ import annotations
@@ -49,8 +50,6 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     ("H100", {"bfloat16": 989.0, "float32": 494.0}),
     ("A100", {"bfloat16": 312.0, "float32": 156.0}),
     ("L40S", {"bfloat16": 362.0, "float32": 183.0}),
-    ("A10G", {"bfloat16": 70.0, "float32": 35.0}),
-    ("V100", {"bfloat16": 125.0, "float32": 15.7}),  # no bf16 tensor cores; fp16 figure
 )
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -385,33 +384,34 @@ def benchmark_infer(
 
 
 def make_batched_forward(apply_fn: Callable, params, batch_size: int):
-    """`run(slices) -> sr` over `[N, H, W]` numpy slices, `batch_size` slices on device at once.
+    """`run(slices) -> out` over `[N, H, W]` numpy slices, `batch_size` slices on device at once.
 
-    Every batch has the same shape (the last is zero-padded), so one program is compiled; batch
-    k+1 is dispatched before batch k is copied back, so the host copy overlaps the computation
-    and at most two batches' activations are alive. `apply_fn(params, x)` maps NHWC to NHWC.
+    Batch k+1 is dispatched before batch k is copied back, so the copy overlaps the computation
+    and at most two batches' activations are alive: memory is bounded by `batch_size`, not by
+    the volume. A last, smaller batch gets its own compiled program (cached by `jax.jit` like the
+    first) rather than zero padding, so no slice is computed twice or for nothing.
+    `apply_fn(params, x)` maps NHWC to NHWC.
     """
     import jax
     import numpy as np
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     forward = jax.jit(apply_fn)
 
     def run(slices) -> np.ndarray:
         n, h, w = slices.shape
         out = np.empty((n, h, w), np.float32)
-        pending: tuple[int, int, jax.Array] | None = None
+        pending = None
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
-            chunk = np.zeros((batch_size, h, w, 1), np.float32)
-            chunk[: stop - start, ..., 0] = slices[start:stop]
+            chunk = np.asarray(slices[start:stop], np.float32)[..., None]
             result = forward(params, chunk)  # asynchronous: returns before the work is done
             if pending is not None:
-                p_start, p_stop, p_result = pending
-                out[p_start:p_stop] = np.asarray(p_result)[: p_stop - p_start, ..., 0]
+                out[pending[0] : pending[1]] = np.asarray(pending[2])[..., 0]
             pending = (start, stop, result)
         if pending is not None:
-            p_start, p_stop, p_result = pending
-            out[p_start:p_stop] = np.asarray(p_result)[: p_stop - p_start, ..., 0]
+            out[pending[0] : pending[1]] = np.asarray(pending[2])[..., 0]
         return out
 
     return run

@@ -232,7 +232,7 @@ def test_batched_forward_equals_one_big_batch_for_any_slice_count():
     def apply(p, x):
         return model.apply({"params": p}, x)
 
-    run = perf.make_batched_forward(apply, params, batch_size=3)  # 3 + 3 + 1 padded
+    run = perf.make_batched_forward(apply, params, batch_size=3)  # batches of 3, 3 and 1
     want = np.asarray(jax.jit(apply)(params, volume[..., None]))[..., 0]
     np.testing.assert_allclose(run(volume), want, rtol=1e-5, atol=1e-6)
 
