@@ -11,6 +11,7 @@ crops and flips included, together make the single-process batch.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -250,7 +251,13 @@ def runs(nifti_root, tmp_path_factory):
     multi = base / "multi"
     procs = _launch(nifti_root, multi, cache_dir)
     _wait(procs)
-    return {"single": single, "multi": multi, "logs": [log for _, log in procs], "base": base}
+    return {
+        "single": single,
+        "multi": multi,
+        "logs": [log for _, log in procs],
+        "base": base,
+        "root": nifti_root,
+    }
 
 
 def test_distributed_two_processes_end_with_the_single_process_params(runs):
@@ -280,6 +287,24 @@ def test_distributed_outputs_are_written_once_by_process_zero(runs):
     assert "| Output SR (multi-scale SRCNN) |" in process0
     assert "| Output SR" not in process1
     assert not list(multi.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_distributed_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """The two-process run's step-4 checkpoint, resumed by one 4-device process (this one)."""
+    workdir = Path(shutil.copytree(runs["multi"], tmp_path / "resumed"))
+    shutil.rmtree(workdir / "checkpoints" / "8")
+    shutil.rmtree(workdir / "best")  # its step would be saved again on the way to step 8
+    for name in train.RUN_OUTPUTS:
+        (workdir / name).unlink()
+    assert checkpoint.Checkpoints(workdir).latest_step() == 4
+    config = build_config("srcnn", f"tiny,data.root={runs['root']},train.epochs={EPOCHS}")
+    train.train_and_evaluate(config, workdir, progress=False)
+    for a, b in zip(
+        jax.tree.leaves(_last_params(runs["single"])),
+        jax.tree.leaves(_last_params(workdir)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(b, a, rtol=RTOL, atol=ATOL)
 
 
 def test_distributed_resume_after_a_killed_process(runs, nifti_root, tmp_path_factory):
