@@ -109,8 +109,11 @@ def evaluate(
         scores = score(params, hr_g, mask_g)
         for k, v in scores.items():
             out.setdefault(k, []).append(np.asarray(v)[: stop - start])
-        if lpips_fn is not None:
+        if with_lpips:
+            # Every process runs the prediction, weights or not: it is one collective program,
+            # and a process that skipped it would leave the others waiting.
             lr_up, sr = predict(params, hr_g)
+        if lpips_fn is not None:
             hr_c = np.clip(hr, 0, 1)
             for name, img in (("bicubic", lr_up), ("sr", sr)):
                 v = lpips_fn(np.clip(np.asarray(img), 0, 1), hr_c)

@@ -166,8 +166,10 @@ def read_nifti_array(path) -> tuple[np.ndarray, np.ndarray]:
         raise ScanError(f"{path}: cannot be read as NIfTI ({error})") from error
     voxels = _as_three_dimensional(voxels, path)
     if np.issubdtype(voxels.dtype, np.floating) and not np.all(np.isfinite(voxels)):
-        count = int(np.size(voxels) - np.count_nonzero(np.isfinite(voxels)))
-        raise ScanError(f"{path}: {count} voxels are NaN or infinite")
+        bad = ~np.isfinite(voxels)
+        slices = np.flatnonzero(bad.any(axis=(0, 1))).tolist()  # NIfTI k = our slice index
+        shown = ", ".join(map(str, slices[:10])) + (" ..." if len(slices) > 10 else "")
+        raise ScanError(f"{path}: {int(bad.sum())} voxels are NaN or infinite, in slices {shown}")
     return np.ascontiguousarray(voxels.transpose(2, 1, 0)), np.asarray(image.affine, np.float64)
 
 

@@ -199,7 +199,9 @@ def test_nan_and_inf_in_a_nifti_patient_stop_the_run_before_training(nifti_root,
     voxels[5, 5, 3], voxels[1, 1, 6] = np.nan, np.inf
     nib.save(nib.Nifti1Image(voxels, image.affine, image.header), str(path))
     workdir = tmp_path / "run"
-    with pytest.raises(io.ScanError, match=r"pat-01\.nii\.gz: 2 voxels are NaN or infinite"):
+    with pytest.raises(
+        io.ScanError, match=r"pat-01\.nii\.gz: 2 voxels are NaN or infinite, in slices 3, 6"
+    ):
         train.train_and_evaluate(_config(root, **{"data.split": "4/0/0"}), workdir)
     assert not (workdir / "checkpoints").exists()
 
