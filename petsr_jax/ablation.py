@@ -36,17 +36,14 @@ import ml_collections
 import numpy as np
 
 from petsr_jax import checkpoint, data, evaluate, report, sharding, train
-from petsr_jax.config import ConfigError, _parse_value, field_names, parse_split, validate
+from petsr_jax import config as config_lib
+from petsr_jax.config import field_names, parse_value, validate
 from petsr_jax.models import create_model
 
 log = logging.getLogger(__name__)
 
 # Short sweep names for the two ablations of the paper's discussion.
 SWEEP_ALIASES = {"depth": "model.num_blocks", "lr": "train.lr"}
-
-# Fields that change how a run is run or reported, not what it learns: a finished workdir whose
-# config differs from the sweep's only in these is still the same run.
-PRESENTATION_FIELDS = ("distributed.", "eval.", "data.num_workers", "train.log_every_steps")
 
 VAL_RESULTS_FILE = "val_results.json"
 # Metrics shown in the table and plots: (key, label, digits, higher is better).
@@ -113,7 +110,7 @@ def parse_values(config, field: str, values: Sequence[Any]) -> tuple[Any, ...]:
     typed = []
     for value in values:
         try:
-            typed.append(_parse_value(str(value).strip(), default, field))
+            typed.append(parse_value(str(value).strip(), default, field))
         except ValueError as e:
             raise AblationError(f"--values: {e}") from None
     if not typed:
@@ -169,24 +166,6 @@ def run_name(config, sweep: Sweep, value: Any) -> str:
     return f"{prefix}_{sweep.label}{joiner}{text}"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _split_counts(text):
-    """Patient counts of a `data.split` text, so "8,2,2" and "8/2/2" compare equal."""
-    try:
-        return parse_split(text)
-    except (ConfigError, AttributeError):
-        return text
-
-
 def config_differences(workdir: Path, config) -> list[str]:
     """Fields where the config a workdir was trained with differs from `config` (those that
     change what is learned); empty when the workdir holds no run yet."""
@@ -194,17 +173,10 @@ def config_differences(workdir: Path, config) -> list[str]:
     if not path.exists():
         return []
     try:
-        recorded = _flatten(json.loads(path.read_text()))
+        recorded = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise AblationError(f"{path}: unreadable ({e}); delete the workdir to rerun it") from None
-    wanted = _flatten(json.loads(config.to_json()))
-    for flat in (recorded, wanted):
-        flat["data.split"] = _split_counts(flat.get("data.split"))
-    return [
-        f"{key}: {recorded.get(key)!r} there, {wanted.get(key)!r} here"
-        for key in sorted(set(recorded) | set(wanted))
-        if recorded.get(key) != wanted.get(key) and not key.startswith(PRESENTATION_FIELDS)
-    ]
+    return config_lib.config_differences(recorded, config)
 
 
 def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Sweep, list]:

@@ -13,6 +13,7 @@ that name the field, the value and what was expected.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -162,7 +163,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     return c
 
 
-def _parse_value(text: str, default: Any, key: str) -> Any:
+def parse_value(text: str, default: Any, key: str) -> Any:
     """`text` converted to the type of `default` (the field's type is fixed by its default)."""
     if isinstance(default, bool):
         if text.lower() in ("1", "true", "yes", "on"):
@@ -194,8 +195,54 @@ def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
             f"unknown config field {key!r}; valid fields: {', '.join(field_names(config))}"
         )
     if isinstance(value, str):
-        value = _parse_value(value, node[leaf], key)
+        value = parse_value(value, node[leaf], key)
     node[leaf] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict (e.g. `json.loads(config.to_json())`) as `{"train.lr": 1e-4, ...}`."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# What a trained run does not depend on: logging cadence, loader workers, the cluster set-up,
+# evaluation settings (batch size, LPIPS, figures). A workdir started with other values of these
+# holds the same run; any other difference makes it another run.
+NON_DEFINING_FIELDS = (
+    "data.num_workers",
+    "distributed.",
+    "eval.",
+    "train.log_every_steps",
+    "train.keep_checkpoints",
+)
+
+
+def config_differences(recorded: dict, config, ignore=NON_DEFINING_FIELDS) -> list[str]:
+    """`field: <recorded> in the workdir, <now> now` for every field where the config a workdir
+    recorded (its config.json) and `config` differ, leaving out fields starting with `ignore`.
+
+    Splits compare as patient counts ("8,2,2" = "8/2/2"); fields one side lacks show as
+    `<absent>` (a config.json from an older version).
+    """
+    now, before = flatten(json.loads(config.to_json())), flatten(recorded)
+    for flat in (now, before):
+        if isinstance(flat.get("data.split"), str):
+            try:
+                flat["data.split"] = parse_split(flat["data.split"])
+            except ConfigError:
+                pass
+    diffs = []
+    for key in sorted(set(now) | set(before)):
+        if key.startswith(tuple(ignore)) or now.get(key) == before.get(key):
+            continue
+        was, asked = before.get(key, "<absent>"), now.get(key, "<absent>")
+        diffs.append(f"{key}: {was!r} in the workdir, {asked!r} now")
+    return diffs
 
 
 def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from petsr_jax import data, report, train
-from petsr_jax.config import FLAGS, build_config, validate
+from petsr_jax.config import FLAGS, build_config, config_differences, validate
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +79,6 @@ PAPER_TABLES = {
 PAPER_SOURCE = (
     "published averages of Özaltan et al. (Tables 1–3) over 441 test slices of 9 patients of "
     "their private 33-patient GE Signa PET/MR dataset; a different dataset, shown for reference"
-)
-
-# Config fields that change what a run measures. A reused workdir must agree on all of them;
-# the others (logging cadence, loader workers, cluster set-up, evaluation batch size, where the
-# LPIPS weights live, how many figure slices) do not change a number in the tables.
-IGNORED_FIELDS = (
-    "data.num_workers",
-    "distributed.",
-    "eval.batch_size",
-    "eval.lpips_weights",
-    "eval.num_figure_slices",
-    "train.log_every_steps",
-    "train.keep_checkpoints",
 )
 
 # Relative tolerance for "the two bicubic measurements agree". A different test set or
@@ -192,30 +179,6 @@ def build_configs(settings: Settings) -> dict[tuple[str, int], object]:
     return configs
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def config_differences(recorded: dict, config) -> list[str]:
-    """`field: recorded → asked` for every result-changing field where a workdir's config.json
-    and `config` disagree."""
-    asked = _flatten(json.loads(config.to_json()))
-    have = _flatten(recorded)
-    diffs = []
-    for key in sorted(set(asked) | set(have)):
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in IGNORED_FIELDS):
-            continue
-        if asked.get(key) != have.get(key):
-            diffs.append(f"{key}: {have.get(key, '<absent>')!r} → {asked.get(key, '<absent>')!r}")
-    return diffs
-
-
 def check_reusable(workdir: Path, config) -> None:
     """Refuse a workdir that was started with a config that measures something else."""
     path = workdir / "config.json"
@@ -229,7 +192,7 @@ def check_reusable(workdir: Path, config) -> None:
     if diffs:
         raise ReproduceError(
             f"{workdir} was trained with a different config; reusing it would report another "
-            "protocol. Differences (recorded → asked):\n  " + "\n  ".join(diffs) + "\n"
+            "protocol. Differences:\n  " + "\n  ".join(diffs) + "\n"
             "Use another --runs folder, or move that workdir away."
         )
 

@@ -200,7 +200,7 @@ def test_bad_sweeps_fail_before_any_training(nifti_root, tmp_path, sweep, values
 def test_a_workdir_of_another_config_is_not_reused(finished_sweep):
     config, runs, _, _ = finished_sweep
     longer = _config(config.data.root, **{"train.epochs": 3, "train.log_every_steps": 1})
-    with pytest.raises(ablation.AblationError, match=r"train.epochs: 2 there, 3 here"):
+    with pytest.raises(ablation.AblationError, match=r"train.epochs: 2 in the workdir, 3 now"):
         ablation.plan_sweep(longer, "depth", DEPTHS, runs)
     # Logging and evaluation settings do not change what a run learned.
     chatty = _config(config.data.root, **{"train.log_every_steps": 1, "eval.lpips": True})

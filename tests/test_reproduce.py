@@ -333,7 +333,7 @@ def test_a_workdir_of_another_protocol_is_refused_not_reused(reproduced):
     same = build_config("srcnn", settings.model_arg(8))
     reproduce.check_reusable(workdir, same)
     longer = build_config("srcnn", settings.model_arg(8) + ",train.epochs=3")
-    with pytest.raises(reproduce.ReproduceError, match=r"train\.epochs: 1 → 3"):
+    with pytest.raises(reproduce.ReproduceError, match=r"train\.epochs: 1 in the workdir, 3 now"):
         reproduce.check_reusable(workdir, longer)
     # Logging cadence changes no number in the tables.
     chatty = build_config("srcnn", settings.model_arg(8) + ",train.log_every_steps=1")
