@@ -179,6 +179,18 @@ def default_workdir(config) -> str:
     return name
 
 
+TRAIN_TIME_FILE = "train_time.json"
+
+
+def _recorded_train_time(workdir: Path, step: int) -> float:
+    """Seconds of training before `step`, as recorded beside the checkpoint of that step."""
+    try:
+        recorded = json.loads((workdir / TRAIN_TIME_FILE).read_text())
+    except (OSError, ValueError):
+        return 0.0
+    return float(recorded["seconds"]) if recorded.get("step") == step else 0.0
+
+
 def _is_primary() -> bool:
     return jax.process_index() == 0
 
@@ -295,7 +307,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
             dynamic_ncols=True,
             desc=f"{config.model.name} {config.scale}x",
         )
-    t0, step0, train_time = time.perf_counter(), start_step, 0.0
+    # Wall time of training (validation included), carried across resumptions through a sidecar
+    # written with each checkpoint; time after the last checkpoint of a killed run is not counted.
+    time_before = _recorded_train_time(workdir, start_step)
+    loop_start = t0 = time.perf_counter()
+    step0 = start_step
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = sharding.local_batch_to_global(next(train_iter), mesh)
@@ -309,7 +325,6 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                         "lower train.lr or check the data."
                     )
                 dt = time.perf_counter() - t0
-                train_time += dt
                 rate = (step - step0) * config.train.batch_size / max(dt, 1e-9)
                 writer.write(
                     step,
@@ -352,6 +367,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                         f"the last good one (step {ckpts.latest_step()}) is intact"
                     )
                 ckpts.save(step, state, train_iter.get_state())
+                if _is_primary():
+                    seconds = time_before + time.perf_counter() - loop_start
+                    report.write_json_atomic(
+                        workdir / TRAIN_TIME_FILE, {"step": step, "seconds": round(seconds, 1)}
+                    )
             if bar is not None:
                 bar.update(1)
         ckpts.wait()
@@ -386,7 +406,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         "step": total_steps,
         "best_step": int(best_step),
         "num_params": n_params,
-        "train_time_s": round(train_time, 1),
+        "train_time_s": round(time_before + time.perf_counter() - loop_start, 1),
         "test": evaluate.summarise(scores, test_set.patient),
     }
     if _is_primary():

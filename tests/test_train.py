@@ -155,7 +155,10 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, nifti_root, tmp_path
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert checkpoint.Checkpoints(tmp_path).latest_step() == 4
     monkeypatch.undo()
-    train.train_and_evaluate(config, tmp_path, progress=False)
+    before = json.loads((tmp_path / train.TRAIN_TIME_FILE).read_text())
+    assert before["step"] == 4 and before["seconds"] > 0
+    results = train.train_and_evaluate(config, tmp_path, progress=False)
+    assert results["train_time_s"] > before["seconds"]  # the first session's time is counted
     for a, b in zip(
         jax.tree.leaves(_final_params(workdir, config)),
         jax.tree.leaves(_final_params(tmp_path, config)),
