@@ -655,9 +655,9 @@ def report_markdown(settings, configs, records, tables, figures, enhancement, me
         )
     lines += [
         "",
-        "Training time: the train steps as the run timed them (a resumed run counts only its "
-        "last segment). Wall time this call: data loading, compilation, training, evaluation and "
-        "outputs; near zero for a reused run.",
+        "Training time: the run's training wall time with its validations, summed over "
+        "resumptions up to their last checkpoints. Wall time this call: data loading, "
+        "compilation, training, evaluation and outputs; near zero for a reused run.",
     ]
     return "\n".join(lines) + "\n"
 
