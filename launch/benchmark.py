@@ -36,9 +36,11 @@ _VOLUME = flags.DEFINE_bool("volume", False, "Shorthand for --mode=volume.")
 _PRECISION = flags.DEFINE_enum(
     "precision", "fp32", sorted(perf.PRECISIONS), "Compute dtype; params stay float32."
 )
-_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported).")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported); volumes for volume.")
 flags.DEFINE_alias("iters", "steps")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_WARMUP = flags.DEFINE_integer(
+    "warmup", 2, "Untimed steps after compilation (volume mode: untimed batches, not volumes)."
+)
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute DeepSR block activations in backward.")
 _DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step.")
 _SCALE = flags.DEFINE_integer("scale", 8, "Downscaling factor of the degraded input (train).")
