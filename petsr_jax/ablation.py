@@ -230,16 +230,7 @@ def val_results(config, workdir: Path, results: dict) -> dict:
     val_set = data.build_slice_set(
         root, split["val"], eval_split=True, rule=config.data.eval_slices
     )
-    scores = evaluate.evaluate(
-        params,
-        val_set,
-        model=model,
-        scale=config.scale,
-        mesh=mesh,
-        batch_size=config.eval.batch_size,
-        with_lpips=config.eval.lpips,
-        lpips_weights=config.eval.lpips_weights or None,
-    )
+    scores = evaluate.evaluate_run(params, val_set, config, model=model, mesh=mesh)
     summary = evaluate.summarise(scores, val_set.patient)
     if jax.process_index() == 0:
         report.write_json_atomic(path, {**key, "val": summary})

@@ -25,63 +25,40 @@ PAPER_LR = {"srcnn": 1e-3, "deepsr": 1e-4}
 
 # Flags a config arg may name. Each maps dotted field -> value, applied before `key=value` pairs,
 # so `quick,train.epochs=3` and `train.epochs=3,quick` mean the same.
+_QUICK = {
+    "data.cohort": "small",
+    "data.split": "8/2/2",
+    "data.crop_size": 64,
+    "train.batch_size": 16,
+    "train.epochs": 40,
+    "train.eval_every_steps": 200,
+    "train.checkpoint_every_steps": 200,
+    "eval.lpips": False,
+}
+_TINY = {
+    "data.cohort": "tiny",
+    "data.split": "2/1/1",
+    "data.crop_size": 32,
+    "train.batch_size": 4,
+    "train.epochs": 1,
+    "train.eval_every_steps": 4,
+    "train.checkpoint_every_steps": 4,
+    "train.log_every_steps": 2,
+    "eval.lpips": False,
+    "eval.num_figure_slices": 2,
+}
 FLAGS: dict[str, dict[str, dict[str, Any]]] = {
     # A run that finishes on a 2-core CPU in minutes (cohort generation included) and still
     # shows the model clearly above bicubic: the small cohort at 128², random 64² crops, and a
     # DeepSR cut to 6 blocks of 32 features (the deep 20×64 network needs a GPU).
     "quick": {
-        "srcnn": {
-            "data.cohort": "small",
-            "data.split": "8/2/2",
-            "data.crop_size": 64,
-            "train.batch_size": 16,
-            "train.epochs": 40,
-            "train.eval_every_steps": 200,
-            "train.checkpoint_every_steps": 200,
-            "eval.lpips": False,
-        },
-        "deepsr": {
-            "data.cohort": "small",
-            "data.split": "8/2/2",
-            "data.crop_size": 64,
-            "model.num_blocks": 6,
-            "model.width": 32,
-            "train.lr": 5e-4,
-            "train.batch_size": 16,
-            "train.epochs": 40,
-            "train.eval_every_steps": 200,
-            "train.checkpoint_every_steps": 200,
-            "eval.lpips": False,
-        },
+        "srcnn": _QUICK,
+        "deepsr": {**_QUICK, "model.num_blocks": 6, "model.width": 32, "train.lr": 5e-4},
     },
     # Unit-test sized: a few steps on the tiny cohort.
     "tiny": {
-        "srcnn": {
-            "data.cohort": "tiny",
-            "data.split": "2/1/1",
-            "data.crop_size": 32,
-            "train.batch_size": 4,
-            "train.epochs": 1,
-            "train.eval_every_steps": 4,
-            "train.checkpoint_every_steps": 4,
-            "train.log_every_steps": 2,
-            "eval.lpips": False,
-            "eval.num_figure_slices": 2,
-        },
-        "deepsr": {
-            "data.cohort": "tiny",
-            "data.split": "2/1/1",
-            "data.crop_size": 32,
-            "model.num_blocks": 2,
-            "model.width": 8,
-            "train.batch_size": 4,
-            "train.epochs": 1,
-            "train.eval_every_steps": 4,
-            "train.checkpoint_every_steps": 4,
-            "train.log_every_steps": 2,
-            "eval.lpips": False,
-            "eval.num_figure_slices": 2,
-        },
+        "srcnn": _TINY,
+        "deepsr": {**_TINY, "model.num_blocks": 2, "model.width": 8},
     },
 }
 

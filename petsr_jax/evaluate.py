@@ -126,6 +126,20 @@ def evaluate(
     return result
 
 
+def evaluate_run(params, slices, config, *, model, mesh, with_lpips: bool | None = None) -> dict:
+    """`evaluate` with a run config's scale, evaluation batch size and LPIPS settings."""
+    return evaluate(
+        params,
+        slices,
+        model=model,
+        scale=config.scale,
+        mesh=mesh,
+        batch_size=config.eval.batch_size,
+        with_lpips=config.eval.lpips if with_lpips is None else with_lpips,
+        lpips_weights=config.eval.lpips_weights or None,
+    )
+
+
 @functools.lru_cache(maxsize=16)
 def _score_fn(model, scale, mesh):
     return make_score_fn(model, scale, mesh)

@@ -339,13 +339,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                 t0, step0 = time.perf_counter(), step
             if step % eval_every == 0 or step == total_steps:
                 val = evaluate.summarise(
-                    evaluate.evaluate(
-                        state.params,
-                        val_set,
-                        model=model,
-                        scale=config.scale,
-                        mesh=mesh,
-                        batch_size=config.eval.batch_size,
+                    evaluate.evaluate_run(
+                        state.params, val_set, config, model=model, mesh=mesh, with_lpips=False
                     ),
                     val_set.patient,
                 )
@@ -390,16 +385,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     test_set = data.build_slice_set(
         root, split["test"], eval_split=True, rule=config.data.eval_slices
     )
-    scores = evaluate.evaluate(
-        params,
-        test_set,
-        model=model,
-        scale=config.scale,
-        mesh=mesh,
-        batch_size=config.eval.batch_size,
-        with_lpips=config.eval.lpips,
-        lpips_weights=config.eval.lpips_weights or None,
-    )
+    scores = evaluate.evaluate_run(params, test_set, config, model=model, mesh=mesh)
     results = {
         "model": config.model.name,
         "scale": config.scale,

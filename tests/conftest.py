@@ -68,3 +68,23 @@ def make_nifti_root(root, n_patients: int = 4, slices: int = 8, size: int = 32):
 @pytest.fixture(scope="session")
 def nifti_root(tmp_path_factory):
     return make_nifti_root(tmp_path_factory.mktemp("nifti_root"))
+
+
+@pytest.fixture(scope="session")
+def tiny_deepsr_workdir(nifti_root, tmp_path_factory):
+    """A finished tiny DeepSR run on `nifti_root`, trained once per test session."""
+    from petsr_jax import train
+    from petsr_jax.config import build_config
+
+    workdir = tmp_path_factory.getbasetemp() / "tiny_deepsr_run"
+    config = build_config("deepsr", f"tiny,data.root={nifti_root}")
+    train.train_and_evaluate(config, workdir, progress=False)  # returns at once when finished
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_deepsr(tiny_deepsr_workdir):
+    """That run loaded for inference (`petsr_jax.load`)."""
+    import petsr_jax
+
+    return petsr_jax.load(tiny_deepsr_workdir)

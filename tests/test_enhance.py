@@ -14,26 +14,10 @@ import pydicom
 import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
-import petsr_jax
-from petsr_jax import io, train
-from petsr_jax.config import build_config
+from petsr_jax import io
 from petsr_jax.degrade import degrade
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def workdir(nifti_root, tmp_path_factory):
-    """A finished tiny DeepSR run, shared on disk with the other enhancement tests."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny_deepsr_run"
-    config = build_config("deepsr", f"tiny,data.root={nifti_root}")
-    train.train_and_evaluate(config, workdir, progress=False)  # returns at once when finished
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def resolver(workdir):
-    return petsr_jax.load(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +42,12 @@ def _digest(folder: Path) -> str:
 
 
 def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(
-    workdir, resolver, dicom_input, tmp_path
+    tiny_deepsr_workdir, tiny_deepsr, dicom_input, tmp_path
 ):
     before = _digest(dicom_input)
     out = tmp_path / "out"
     run = _enhance(
-        f"--workdir={workdir}",
+        f"--workdir={tiny_deepsr_workdir}",
         f"--input={dicom_input}",
         f"--output={out}",
         "--format=both",
@@ -73,7 +57,7 @@ def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(
     assert _digest(dicom_input) == before, "the input series changed"
 
     source = io.read_volume(dicom_input)
-    expected = resolver(source)
+    expected = tiny_deepsr(source)
     dicom = io.read_volume(out / "patient_a")
     nifti = io.read_volume(out / "patient_a.nii.gz")
     for result in (dicom, nifti):
@@ -95,11 +79,11 @@ def test_enhance_writes_dicom_and_nifti_in_the_input_geometry(
 
 
 def test_reconstruct_mode_prints_scores_against_the_original(
-    workdir, resolver, dicom_input, tmp_path
+    tiny_deepsr_workdir, tiny_deepsr, dicom_input, tmp_path
 ):
     out = tmp_path / "out"
     run = _enhance(
-        f"--workdir={workdir}",
+        f"--workdir={tiny_deepsr_workdir}",
         f"--input={dicom_input}",
         f"--output={out}",
         "--mode=reconstruct",
@@ -125,29 +109,33 @@ def test_reconstruct_mode_prints_scores_against_the_original(
     assert all(np.isfinite(float(v)) for v in (sr_psnr, bicubic_ssim, sr_ssim))
 
     written = io.read_volume(out / "patient_a.nii.gz")
-    recovered = resolver.reconstruct(source).sr
+    recovered = tiny_deepsr.reconstruct(source).sr
     np.testing.assert_allclose(written.data, recovered.data, rtol=1e-5, atol=1e-3)
 
 
-def test_refuses_an_output_inside_the_input(workdir, dicom_input):
+def test_refuses_an_output_inside_the_input(tiny_deepsr_workdir, dicom_input):
     before = _digest(dicom_input)
-    run = _enhance(f"--workdir={workdir}", f"--input={dicom_input}", f"--output={dicom_input}/sr")
+    run = _enhance(
+        f"--workdir={tiny_deepsr_workdir}", f"--input={dicom_input}", f"--output={dicom_input}/sr"
+    )
     assert run.returncode != 0 and "inside the input" in run.stderr
     assert _digest(dicom_input) == before and not (dicom_input / "sr").exists()
 
 
-def test_refuses_an_existing_output(workdir, dicom_input, tmp_path):
+def test_refuses_an_existing_output(tiny_deepsr_workdir, dicom_input, tmp_path):
     existing = tmp_path / "out" / "patient_a"
     existing.mkdir(parents=True)
     (existing / "earlier.dcm").write_bytes(b"earlier result")
-    run = _enhance(f"--workdir={workdir}", f"--input={dicom_input}", f"--output={tmp_path / 'out'}")
+    run = _enhance(
+        f"--workdir={tiny_deepsr_workdir}", f"--input={dicom_input}", f"--output={tmp_path / 'out'}"
+    )
     assert run.returncode != 0 and "already exists and is not empty" in run.stderr
     assert [p.name for p in existing.iterdir()] == ["earlier.dcm"]
 
 
-def test_refuses_an_unknown_mode(workdir, dicom_input, tmp_path):
+def test_refuses_an_unknown_mode(tiny_deepsr_workdir, dicom_input, tmp_path):
     run = _enhance(
-        f"--workdir={workdir}",
+        f"--workdir={tiny_deepsr_workdir}",
         f"--input={dicom_input}",
         f"--output={tmp_path}/out",
         "--mode=sharpen",
@@ -156,11 +144,13 @@ def test_refuses_an_unknown_mode(workdir, dicom_input, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_an_input_in_other_units(workdir, nifti_root, tmp_path):
+def test_refuses_an_input_in_other_units(tiny_deepsr_workdir, nifti_root, tmp_path):
     suv = io.read_volume(nifti_root / "pat-03.nii.gz")
     io.write_nifti(suv.replace(data=suv.data / 5e3, units="SUVbw"), tmp_path / "suv.nii.gz")
     run = _enhance(
-        f"--workdir={workdir}", f"--input={tmp_path / 'suv.nii.gz'}", f"--output={tmp_path}/out"
+        f"--workdir={tiny_deepsr_workdir}",
+        f"--input={tmp_path / 'suv.nii.gz'}",
+        f"--output={tmp_path}/out",
     )
     assert run.returncode != 0
     assert "SUVbw" in run.stderr and "trained on BQML" in run.stderr

@@ -12,23 +12,8 @@ import pytest
 
 import petsr_jax
 from petsr_jax import checkpoint, inference, io, train
-from petsr_jax.config import build_config
 from petsr_jax.degrade import degrade
 from petsr_jax.volume import Volume
-
-
-@pytest.fixture(scope="module")
-def workdir(nifti_root, tmp_path_factory):
-    """A finished tiny DeepSR run, shared on disk with the other enhancement tests."""
-    workdir = tmp_path_factory.getbasetemp() / "tiny_deepsr_run"
-    config = build_config("deepsr", f"tiny,data.root={nifti_root}")
-    train.train_and_evaluate(config, workdir, progress=False)  # returns at once when finished
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def resolver(workdir):
-    return petsr_jax.load(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -36,43 +21,43 @@ def volume(nifti_root):
     return io.read_volume(nifti_root / "pat-03.nii.gz")
 
 
-def _by_hand(resolver, normalised_nhwc):
+def _by_hand(tiny_deepsr, normalised_nhwc):
     """The network on normalised NHWC slices, without the SuperResolver's batching."""
-    return np.asarray(resolver.model.apply({"params": resolver.params}, normalised_nhwc))
+    return np.asarray(tiny_deepsr.model.apply({"params": tiny_deepsr.params}, normalised_nhwc))
 
 
-def test_load_restores_the_config_and_the_best_params(workdir, resolver):
-    saved = json.loads((workdir / "config.json").read_text())
-    assert json.loads(resolver.config.to_json()) == saved
-    assert resolver.scale == saved["scale"] == 8
-    assert resolver.config.model.name == "deepsr" and resolver.model.num_blocks == 2
-    assert resolver.batch_size == saved["eval"]["batch_size"]
-    assert resolver.trained_units == "BQML"
+def test_load_restores_the_config_and_the_best_params(tiny_deepsr_workdir, tiny_deepsr):
+    saved = json.loads((tiny_deepsr_workdir / "config.json").read_text())
+    assert json.loads(tiny_deepsr.config.to_json()) == saved
+    assert tiny_deepsr.scale == saved["scale"] == 8
+    assert tiny_deepsr.config.model.name == "deepsr" and tiny_deepsr.model.num_blocks == 2
+    assert tiny_deepsr.batch_size == saved["eval"]["batch_size"]
+    assert tiny_deepsr.trained_units == "BQML"
     # Restored through a different path: the run's own initial params as the template.
     initial = train.init_state(
-        resolver.config, resolver.model, train.make_optimizer(resolver.config), 32
+        tiny_deepsr.config, tiny_deepsr.model, train.make_optimizer(tiny_deepsr.config), 32
     ).params
-    expected = checkpoint.restore_params(workdir, initial, which="best")
-    for a, b in zip(jax.tree.leaves(resolver.params), jax.tree.leaves(expected), strict=True):
+    expected = checkpoint.restore_params(tiny_deepsr_workdir, initial, which="best")
+    for a, b in zip(jax.tree.leaves(tiny_deepsr.params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
     assert not all(  # trained, not the initialisation
         np.array_equal(a, b)
-        for a, b in zip(jax.tree.leaves(resolver.params), jax.tree.leaves(initial), strict=True)
+        for a, b in zip(jax.tree.leaves(tiny_deepsr.params), jax.tree.leaves(initial), strict=True)
     )
 
 
-def test_enhance_keeps_kind_shape_and_units_and_equals_the_network_by_hand(resolver, volume):
+def test_enhance_keeps_kind_shape_and_units_and_equals_the_network_by_hand(tiny_deepsr, volume):
     data = volume.data
     peak = data.max()
-    expected = _by_hand(resolver, (data / peak)[..., None])[..., 0] * peak
+    expected = _by_hand(tiny_deepsr, (data / peak)[..., None])[..., 0] * peak
 
-    stack = resolver(data, batch_size=3)  # 8 slices: batches of 3, 3 and a zero-filled 2
+    stack = tiny_deepsr(data, batch_size=3)  # 8 slices: batches of 3, 3 and a zero-filled 2
     assert isinstance(stack, np.ndarray) and stack.shape == data.shape
     assert stack.dtype == np.float32
     np.testing.assert_allclose(stack, expected, rtol=1e-5, atol=1e-5 * peak)
     assert np.abs(stack - data).max() > 1e-3 * peak, "the network changed nothing"
 
-    enhanced = resolver(volume)
+    enhanced = tiny_deepsr(volume)
     assert isinstance(enhanced, Volume)
     assert enhanced.shape == volume.shape and enhanced.units == volume.units == "BQML"
     assert enhanced.spacing == volume.spacing and enhanced.patient_id == volume.patient_id
@@ -80,44 +65,44 @@ def test_enhance_keeps_kind_shape_and_units_and_equals_the_network_by_hand(resol
     np.testing.assert_allclose(enhanced.data, expected, rtol=1e-5, atol=1e-5 * peak)
 
     one = data[4]
-    single = resolver(one)
+    single = tiny_deepsr(one)
     assert single.shape == one.shape
-    by_hand = _by_hand(resolver, (one / one.max())[None, ..., None])[0, ..., 0] * one.max()
+    by_hand = _by_hand(tiny_deepsr, (one / one.max())[None, ..., None])[0, ..., 0] * one.max()
     np.testing.assert_allclose(single, by_hand, rtol=1e-5, atol=1e-5 * one.max())
 
 
-def test_any_slice_size_runs_unpadded(resolver):
+def test_any_slice_size_runs_unpadded(tiny_deepsr):
     rng = np.random.default_rng(0)
     odd = rng.uniform(100.0, 5000.0, (3, 20, 27)).astype(np.float32)
-    out = resolver(odd)
+    out = tiny_deepsr(odd)
     assert out.shape == odd.shape
-    expected = _by_hand(resolver, (odd / odd.max())[..., None])[..., 0] * odd.max()
+    expected = _by_hand(tiny_deepsr, (odd / odd.max())[..., None])[..., 0] * odd.max()
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5 * odd.max())
 
 
-def test_reconstruct_degrades_with_degrade_then_recovers(resolver, volume):
+def test_reconstruct_degrades_with_degrade_then_recovers(tiny_deepsr, volume):
     peak = volume.data.max()
-    lr_up = np.asarray(degrade(jnp.asarray(volume.data / peak)[..., None], resolver.scale))
-    bicubic, sr = resolver.reconstruct(volume)
+    lr_up = np.asarray(degrade(jnp.asarray(volume.data / peak)[..., None], tiny_deepsr.scale))
+    bicubic, sr = tiny_deepsr.reconstruct(volume)
     assert isinstance(bicubic, Volume) and isinstance(sr, Volume)
     assert bicubic.units == sr.units == "BQML"
     np.testing.assert_allclose(bicubic.data, lr_up[..., 0] * peak, rtol=1e-5, atol=1e-5 * peak)
     np.testing.assert_allclose(
-        sr.data, _by_hand(resolver, lr_up)[..., 0] * peak, rtol=1e-5, atol=1e-5 * peak
+        sr.data, _by_hand(tiny_deepsr, lr_up)[..., 0] * peak, rtol=1e-5, atol=1e-5 * peak
     )
-    two_d = resolver.reconstruct(volume.data[2])
+    two_d = tiny_deepsr.reconstruct(volume.data[2])
     assert two_d.bicubic.shape == two_d.sr.shape == volume.shape[1:]
 
 
-def test_bad_inputs_are_refused_with_a_reason(resolver, volume, tmp_path):
+def test_bad_inputs_are_refused_with_a_reason(tiny_deepsr, volume, tmp_path):
     with pytest.raises(inference.InferenceError, match=r"shape \(1, 2, 8, 8\)"):
-        resolver(np.ones((1, 2, 8, 8)))
+        tiny_deepsr(np.ones((1, 2, 8, 8)))
     with pytest.raises(inference.InferenceError, match="maximum"):
-        resolver(np.zeros((8, 8)))
+        tiny_deepsr(np.zeros((8, 8)))
     with pytest.raises(inference.InferenceError, match="NaN"):
-        resolver(np.full((8, 8), np.nan))
+        tiny_deepsr(np.full((8, 8), np.nan))
     with pytest.raises(inference.IncompatibleInput, match="SUVbw.*BQML"):
-        resolver(volume.replace(units="SUVbw"))
+        tiny_deepsr(volume.replace(units="SUVbw"))
     with pytest.raises(inference.InferenceError, match="config.json"):
         petsr_jax.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "deepsr"}}))
@@ -125,8 +110,8 @@ def test_bad_inputs_are_refused_with_a_reason(resolver, volume, tmp_path):
         petsr_jax.load(tmp_path)
 
 
-def test_a_config_saved_before_newer_fields_gets_their_defaults(workdir, tmp_path):
-    saved = json.loads((workdir / "config.json").read_text())
+def test_a_config_saved_before_newer_fields_gets_their_defaults(tiny_deepsr_workdir, tmp_path):
+    saved = json.loads((tiny_deepsr_workdir / "config.json").read_text())
     del saved["eval"]["batch_size"], saved["model"]["in_channels"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = inference.read_config(tmp_path)
@@ -136,29 +121,29 @@ def test_a_config_saved_before_newer_fields_gets_their_defaults(workdir, tmp_pat
         config.new_field = 1  # locked, like a config built by build_config
 
 
-def test_workdir_without_checkpoints_names_the_folder(workdir, tmp_path):
-    (tmp_path / "config.json").write_text((workdir / "config.json").read_text())
+def test_workdir_without_checkpoints_names_the_folder(tiny_deepsr_workdir, tmp_path):
+    (tmp_path / "config.json").write_text((tiny_deepsr_workdir / "config.json").read_text())
     with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path)):
         petsr_jax.load(tmp_path)
 
 
-def test_unknown_training_units_accept_with_a_warning(resolver, volume):
-    unchecked = inference.SuperResolver(resolver.config, resolver.params, data_info=None)
+def test_unknown_training_units_accept_with_a_warning(tiny_deepsr, volume):
+    unchecked = inference.SuperResolver(tiny_deepsr.config, tiny_deepsr.params, data_info=None)
     with pytest.warns(UserWarning, match="no data_info.json"):
         out = unchecked(volume.replace(units="SUVbw"))
     assert out.units == "SUVbw"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resolver(volume)  # matching units: no warning
-    problems = resolver.check_input(volume.replace(data=np.ones((2, 16, 16), np.float32)))
+        tiny_deepsr(volume)  # matching units: no warning
+    problems = tiny_deepsr.check_input(volume.replace(data=np.ones((2, 16, 16), np.float32)))
     assert any("16x16" in p for p in problems)
 
 
-def test_a_model_with_prior_channels_is_refused_on_pet_alone(resolver, volume):
-    fields = json.loads(resolver.config.to_json())
+def test_a_model_with_prior_channels_is_refused_on_pet_alone(tiny_deepsr, volume):
+    fields = json.loads(tiny_deepsr.config.to_json())
     fields["model"]["in_channels"] = 2
     config = ml_collections.ConfigDict(fields)
-    two_channel = inference.SuperResolver(config, resolver.params)
+    two_channel = inference.SuperResolver(config, tiny_deepsr.params)
     with pytest.raises(inference.IncompatibleInput, match="2 input channels"):
         two_channel(volume.data)
 
