@@ -61,7 +61,13 @@ def _rel_err(a, b) -> float:
 
 @pytest.mark.parametrize(
     "shape,ksize,cout",
-    [((2, 11, 13, 3), 3, 5), ((1, 9, 7, 4), 9, 6), ((3, 6, 5, 8), 1, 4), ((2, 8, 8, 6), 5, 1)],
+    [
+        ((2, 11, 13, 3), 3, 5),
+        ((1, 9, 7, 4), 9, 6),
+        ((3, 6, 5, 8), 1, 4),
+        ((2, 8, 8, 6), 5, 1),
+        ((8, 5, 6, 2), 3, 3),  # a batch large enough for the kernel gradient without strips
+    ],
 )
 def test_conv2d_same_and_its_gradients_equal_a_float64_reference(shape, ksize, cout):
     rng = np.random.default_rng(sum(shape) + ksize)
@@ -78,6 +84,19 @@ def test_conv2d_same_and_its_gradients_equal_a_float64_reference(shape, ksize, c
     ):
         assert got.shape == want.shape, name
         assert _rel_err(got, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("shape,ksize", [((1, 13, 6, 3), 3), ((2, 10, 7, 2), 5), ((3, 9, 4, 2), 1)])
+def test_kernel_gradient_in_row_strips_equals_the_float64_reference(shape, ksize):
+    """Small batches take the strip path; heights that do not divide evenly are padded."""
+    rng = np.random.default_rng(ksize)
+    x = rng.standard_normal(shape).astype(np.float32)
+    g = rng.standard_normal(shape[:-1] + (4,)).astype(np.float32)
+    kernel_shape = (ksize, ksize, shape[-1], 4)
+    got = fast_conv.kernel_gradient(jnp.asarray(x), jnp.asarray(g), kernel_shape)
+    zeros = np.zeros(kernel_shape, np.float32)
+    want = _reference_conv_and_grads(x, zeros, np.zeros(4, np.float32), g)[2]
+    assert _rel_err(got, want) < 1e-5
 
 
 def test_bias_gradient_handles_pixel_counts_not_divisible_by_the_group():
