@@ -285,7 +285,7 @@ def benchmark_train(
     config = bench_config(model, blocks, precision, remat=remat, scale=scale, conv=conv)
     net = create_model(config)
     tx = train.make_optimizer(config)
-    state = train.init_state(config, net, tx, size)
+    state = train.init_state(config, net, tx)
     step_fn = train.make_train_step(net, tx, scale)
     if donate:
         mesh = sharding.make_mesh()

@@ -55,12 +55,11 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.adam(config.train.lr)
 
 
-def init_state(config, model, tx, image_size: int) -> TrainState:
+def init_state(config, model, tx) -> TrainState:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, rng = jax.random.split(rng)
     # Parameter shapes do not depend on the image size: a small dummy and one jitted init
     # compile much faster than tracing every layer eagerly at full size.
-    del image_size
     dummy = jnp.zeros((1, 16, 16, config.model.in_channels), jnp.float32)
     params = jax.jit(model.init)(init_rng, dummy)["params"]
     return TrainState(
@@ -266,8 +265,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     mesh = sharding.make_mesh()
     model = create_model(config)
     tx = make_optimizer(config)
-    image_size = config.data.crop_size or int(train_set.hr.shape[1])
-    state = init_state(config, model, tx, image_size)
+    state = init_state(config, model, tx)
     state = sharding.replicate(state, mesh)
     check_free_space(workdir, state, config.train.keep_checkpoints)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)

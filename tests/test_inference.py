@@ -35,7 +35,7 @@ def test_load_restores_the_config_and_the_best_params(tiny_deepsr_workdir, tiny_
     assert tiny_deepsr.trained_units == "BQML"
     # Restored through a different path: the run's own initial params as the template.
     initial = train.init_state(
-        tiny_deepsr.config, tiny_deepsr.model, train.make_optimizer(tiny_deepsr.config), 32
+        tiny_deepsr.config, tiny_deepsr.model, train.make_optimizer(tiny_deepsr.config)
     ).params
     expected = checkpoint.restore_params(tiny_deepsr_workdir, initial, which="best")
     for a, b in zip(jax.tree.leaves(tiny_deepsr.params), jax.tree.leaves(expected), strict=True):
