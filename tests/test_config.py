@@ -64,6 +64,7 @@ def test_config_serialises_to_json():
         ("data.eval_slices=brain", "data.eval_slices"),
         ("data.cohort=huge", "data.cohort"),
         ("model.global_skip=input", "model.global_skip"),
+        ("model.conv=fast", "model.conv"),
         ("data.crop_size=1000", "data.crop_size"),
     ],
 )
