@@ -247,13 +247,10 @@ def bench_config(
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
-    arg = f"scale={scale},compute_dtype={PRECISIONS[precision]}"
+    arg = f"scale={scale},compute_dtype={PRECISIONS[precision]},model.conv={conv}"
     if model == "deepsr":
         arg += f",model.num_blocks={blocks},model.remat={remat}"
-    config = build_config(model, arg)
-    with config.unlocked():
-        config.model.conv = conv
-    return config
+    return build_config(model, arg)
 
 
 def benchmark_train(
