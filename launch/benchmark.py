@@ -48,7 +48,10 @@ _SLICES = flags.DEFINE_integer("slices", 89, "Slices of the volume (volume mode)
 _CROP = flags.DEFINE_integer("crop", 0, "Random crop side, 0 = whole slices (loader mode).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Grain worker processes (loader mode).")
 _CONV = flags.DEFINE_enum(
-    "conv", "auto", ["auto", "xla", "cpu"], "Convolution implementation (auto: cpu on CPUs)."
+    "conv",
+    "auto",
+    ["auto", "xla", "cpu", "onednn"],
+    "Convolution implementation (auto: onednn on CPUs where it builds, else cpu).",
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of text.")
 

@@ -79,8 +79,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "global_skip": "image",
             "remat": False,
             "in_channels": 1,
-            # How convolutions are computed, not what: "auto" takes petsr_jax.fast_conv on CPUs
-            # (a faster backward pass there) and flax's nn.Conv elsewhere; or "xla" / "cpu".
+            # How convolutions are computed, not what: "auto" takes oneDNN on CPUs (or, where it
+            # cannot be built, petsr_jax.fast_conv) and flax's nn.Conv elsewhere; or "xla" /
+            # "cpu" / "onednn" (see petsr_jax.models.resolve_conv).
             "conv": "auto",
         }
     )
@@ -310,8 +311,8 @@ def validate(config, num_devices: int | None = None) -> None:
         errors.append(f"model.name: expected one of {sorted(PAPER_LR)}, got {m.name!r}")
     if m.global_skip not in ("image", "feature"):
         errors.append(f"model.global_skip: expected 'image' or 'feature', got {m.global_skip!r}")
-    if m.conv not in ("auto", "xla", "cpu"):
-        errors.append(f"model.conv: expected auto, xla or cpu, got {m.conv!r}")
+    if m.conv not in ("auto", "xla", "cpu", "onednn"):
+        errors.append(f"model.conv: expected auto, xla, cpu or onednn, got {m.conv!r}")
     if m.num_blocks < 0 or m.width < 1 or m.in_channels < 1:
         errors.append("model.num_blocks must be ≥ 0, model.width and model.in_channels ≥ 1")
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):

@@ -23,7 +23,8 @@ The DeepSR train step gains about 2 % at 16×48×48 and more at small batches (t
 themselves are ~95 % of it). The
 maths is unchanged; gradients agree with `jax.grad` of the plain convolution to float32 rounding
 (`tests/test_perf.py`). On GPUs XLA's autodiff is cuDNN-backed and fast, so `create_model` only
-selects this path on CPU (`model.conv="auto"`).
+selects this path on CPU (`model.conv="auto"`), and there only where the faster oneDNN path
+(`petsr_jax.onednn`, which this module dispatches to with `impl="onednn"`) is unavailable.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class Conv(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    # "cpu": `conv2d_same` below; "onednn": `petsr_jax.onednn.conv2d_same` for float32 operands
+    # (anything else, e.g. bf16 compute, still takes `conv2d_same`).
+    impl: str = "cpu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -132,4 +136,9 @@ class Conv(nn.Module):
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if self.impl == "onednn":
+            from petsr_jax import onednn
+
+            if onednn.supports(x, kernel):
+                return onednn.conv2d_same(x, kernel, bias)
         return conv2d_same(x, kernel, bias)

@@ -3,8 +3,9 @@
 Both map the bicubic-upscaled low-resolution image `lr_up` (NHWC) to the super-resolved image at
 the same size, so one network serves every scale. Parameters are float32; `dtype` sets the
 compute dtype (bfloat16 on GPUs). `conv` picks how convolutions are computed, not what they
-compute: `"xla"` is `flax.linen.Conv`, `"cpu"` is `petsr_jax.fast_conv.Conv` (same parameters,
-a backward pass that is faster on XLA:CPU); `create_model` resolves `"auto"` by backend.
+compute: `"xla"` is `flax.linen.Conv`; `"cpu"` is `petsr_jax.fast_conv.Conv` (same parameters,
+a backward pass that is faster on XLA:CPU); `"onednn"` is the same module running float32
+convolutions in oneDNN (`petsr_jax.onednn`); `create_model` resolves `"auto"` by backend.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 
 from petsr_jax import fast_conv
 
-CONV_IMPLS = ("xla", "cpu")
+CONV_IMPLS = ("xla", "cpu", "onednn")
 
 
 def _conv_layer(features: int, size: int, name: str, dtype: Any, impl: str) -> nn.Module:
@@ -26,9 +27,9 @@ def _conv_layer(features: int, size: int, name: str, dtype: Any, impl: str) -> n
         return nn.Conv(
             features, (size, size), padding="SAME", dtype=dtype, param_dtype=jnp.float32, name=name
         )
-    if impl == "cpu":
+    if impl in ("cpu", "onednn"):
         return fast_conv.Conv(
-            features, (size, size), dtype=dtype, param_dtype=jnp.float32, name=name
+            features, (size, size), dtype=dtype, param_dtype=jnp.float32, name=name, impl=impl
         )
     raise ValueError(f"conv must be one of {CONV_IMPLS}, got {impl!r}")
 
@@ -110,17 +111,24 @@ class DeepSR(nn.Module):
 MODELS = {"srcnn": SRCNN, "deepsr": DeepSR}
 
 
-def resolve_conv(conv: str = "auto", backend: str | None = None) -> str:
-    """The convolution implementation for `conv`: "auto" is "cpu" on the CPU backend, else "xla".
+def resolve_conv(conv: str = "auto", backend: str | None = None, devices: int | None = None) -> str:
+    """The convolution implementation for `conv`; "auto" picks the fastest for the backend.
 
-    On GPUs XLA's own convolution gradients are fast and cuDNN-backed, so the custom backward
-    pass would only add risk there.
+    GPUs: "xla" (cuDNN-backed convolutions and gradients; the CPU paths would only add risk).
+    CPUs: "onednn" when its library builds here and the process computes on one device — the
+    custom call has no partitioning rule, so with several devices XLA would gather the batch
+    onto each —, else "cpu". `devices` defaults to `jax.device_count()`.
     """
-    if conv == "auto":
-        return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
-    if conv not in CONV_IMPLS:
+    if conv not in ("auto", *CONV_IMPLS):
         raise ValueError(f"model.conv must be 'auto' or one of {CONV_IMPLS}, got {conv!r}")
-    return conv
+    if conv != "auto":
+        return conv
+    if (backend or jax.default_backend()) != "cpu":
+        return "xla"
+    from petsr_jax import onednn
+
+    one_device = (jax.device_count() if devices is None else devices) == 1
+    return "onednn" if one_device and onednn.available() else "cpu"
 
 
 def create_model(config) -> nn.Module:

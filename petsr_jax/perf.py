@@ -1,11 +1,18 @@
 """Speed: XLA CPU settings, FLOP accounting and the measurements behind `launch/benchmark.py`.
 
-`configure_cpu()` is called by the launch scripts before JAX starts. On this project's CPUs the
-default XLA:CPU pipeline of jaxlib 0.10 hands convolutions to its YNNPACK fusions, whose
-weight-gradient convolution is several times slower than Eigen's; turning those fusions off
-roughly doubles the DeepSR train step (measured in `../shared/notes/xla-cpu-performance.md` and by
-`launch/benchmark.py`). The flag is process-wide and only read when the backend starts, hence a
-function to call first thing rather than a setting inside the library.
+`configure_cpu()` is called by the launch scripts before JAX starts. It does two things, both
+process-wide and only on CPU:
+
+* XLA flags. jaxlib 0.10's default XLA:CPU pipeline hands convolutions to its YNNPACK fusions,
+  whose weight-gradient convolution is several times slower than Eigen's; turning them off
+  roughly doubles the DeepSR train step when XLA computes the convolutions (measured in
+  `../shared/notes/xla-cpu-performance.md` and by `launch/benchmark.py`). The flags are read
+  only when the backend starts, hence a function to call first thing.
+* The C allocator (`keep_freed_memory`). XLA:CPU allocates each step's temporaries — about
+  0.6 GB for DeepSR at 16×48×48 — with one `malloc` from a worker thread. glibc serves a block
+  that large from a fresh `mmap` every step and unmaps it afterwards, so every step first-touches
+  the whole block again: ~143,000 page faults, 7–15 % of the train step. One malloc arena that
+  never maps or trims keeps the block in the process, and later steps reuse it fault-free.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
 inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a
@@ -84,24 +91,57 @@ def _accelerator_expected(environ) -> bool:
     return False
 
 
-def configure_cpu(environ=None) -> str | None:
-    """Add the measured XLA:CPU flags to `XLA_FLAGS`; call before JAX's first computation.
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
-    Does nothing (returns None) when an accelerator will be used, when the running jaxlib was
-    not measured, when the user's `XLA_FLAGS` already choose the YNN fusion setting, or when the
-    JAX backend has already started (a warning then, since the flag could no longer apply).
-    Returns the flag string it added otherwise. `environ` defaults to `os.environ`.
+
+def keep_freed_memory(environ=None) -> bool:
+    """Make glibc keep freed memory for reuse instead of returning it to the kernel.
+
+    One arena (threads would otherwise get arenas whose blocks over 64 MiB are always mapped
+    afresh), no `mmap` for large blocks, and no trimming below 2 GiB of free heap. The heap then
+    stays at its peak size for the life of the process, as PyTorch's caching allocators do;
+    XLA's per-step temporaries are reused without page faults. Must run before JAX starts its
+    threads. `PETSR_KEEP_FREED_MEMORY=0` turns it off. Returns whether it was applied (False on
+    other C libraries).
     """
+    import ctypes
+    import platform
+
     environ = os.environ if environ is None else environ
-    flags = CPU_XLA_FLAGS.get(_jaxlib_version() or (0, 0))
-    if flags is None or _accelerator_expected(environ):
-        return None
-    current = environ.get("XLA_FLAGS", "")
-    if YNN_FUSION_FLAG in current:
-        return None
+    if environ.get("PETSR_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def configure_cpu(environ=None) -> str | None:
+    """Add the measured XLA:CPU flags to `XLA_FLAGS` and `keep_freed_memory()`; call before
+    JAX's first computation.
+
+    Does nothing (returns None) when an accelerator will be used or when the JAX backend has
+    already started (a warning then, since the flags could no longer apply). The flags are left
+    out when the running jaxlib was not measured or the user's `XLA_FLAGS` already choose the
+    YNN fusion setting. Returns the flag string it added otherwise. `environ` defaults to
+    `os.environ`; the allocator is only set up then (another mapping is not this process).
+    """
     from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized():
+    this_process = environ is None
+    environ = os.environ if environ is None else environ
+    if _accelerator_expected(environ):
+        return None
+    started = xla_bridge.backends_are_initialized()
+    if this_process and not started:
+        keep_freed_memory(environ)
+    flags = CPU_XLA_FLAGS.get(_jaxlib_version() or (0, 0))
+    if flags is None or YNN_FUSION_FLAG in environ.get("XLA_FLAGS", ""):
+        return None
+    current = environ.get("XLA_FLAGS", "")
+    if started:
         log.warning(
             "JAX already started; %s not applied. Call petsr_jax.perf.configure_cpu() before "
             "the first JAX computation (CPU training then runs about 2x slower).",

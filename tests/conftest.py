@@ -88,3 +88,37 @@ def tiny_deepsr(tiny_deepsr_workdir):
     import petsr_jax
 
     return petsr_jax.load(tiny_deepsr_workdir)
+
+
+# --------------------------------------- float64 reference convolution (test_perf, test_onednn)
+
+
+def _windows(x_padded: np.ndarray, kh: int, kw: int, h: int, w: int) -> np.ndarray:
+    """[N, h, w, C, kh, kw] view of every kh×kw window of a padded NHWC array."""
+    view = np.lib.stride_tricks.sliding_window_view(x_padded, (kh, kw), axis=(1, 2))
+    return view[:, :h, :w]
+
+
+def reference_conv_and_grads(x, kernel, bias, g):
+    """y = conv(x, kernel) + bias ("SAME", stride 1) and the VJP of `g`, in float64."""
+    x, kernel, bias, g = (np.asarray(a, np.float64) for a in (x, kernel, bias, g))
+    kh, kw, _, _ = kernel.shape
+    n, h, w, _ = x.shape
+    ph, pw = kh // 2, kw // 2
+    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    win = _windows(xp, kh, kw, h, w)  # [n, h, w, cin, kh, kw]
+    y = np.einsum("nyxcij,ijco->nyxo", win, kernel) + bias
+    dkernel = np.einsum("nyxcij,nyxo->ijco", win, g)
+    dbias = g.sum(axis=(0, 1, 2))
+    # dx[n, p + (i, j) - pad, c] += g[n, p, o] * kernel[i, j, c, o]
+    dxp = np.zeros_like(xp)
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, i : i + h, j : j + w] += np.einsum("nyxo,co->nyxc", g, kernel[i, j])
+    dx = dxp[:, ph : ph + h, pw : pw + w]
+    return y, dx, dkernel, dbias
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))

@@ -17,46 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import reference_conv_and_grads, rel_err
 
 from petsr_jax import fast_conv, perf, train
 from petsr_jax.config import build_config
 from petsr_jax.models import SRCNN, DeepSR, count_params, create_model, resolve_conv
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ------------------------------------------------------------------ float64 reference convolution
-
-
-def _windows(x_padded: np.ndarray, kh: int, kw: int, h: int, w: int) -> np.ndarray:
-    """[N, h, w, C, kh, kw] view of every kh×kw window of a padded NHWC array."""
-    view = np.lib.stride_tricks.sliding_window_view(x_padded, (kh, kw), axis=(1, 2))
-    return view[:, :h, :w]
-
-
-def _reference_conv_and_grads(x, kernel, bias, g):
-    """y = conv(x, kernel) + bias ("SAME", stride 1) and the VJP of `g`, in float64."""
-    x, kernel, bias, g = (np.asarray(a, np.float64) for a in (x, kernel, bias, g))
-    kh, kw, _, _ = kernel.shape
-    n, h, w, _ = x.shape
-    ph, pw = kh // 2, kw // 2
-    xp = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    win = _windows(xp, kh, kw, h, w)  # [n, h, w, cin, kh, kw]
-    y = np.einsum("nyxcij,ijco->nyxo", win, kernel) + bias
-    dkernel = np.einsum("nyxcij,nyxo->ijco", win, g)
-    dbias = g.sum(axis=(0, 1, 2))
-    # dx[n, p + (i, j) - pad, c] += g[n, p, o] * kernel[i, j, c, o]
-    dxp = np.zeros_like(xp)
-    for i in range(kh):
-        for j in range(kw):
-            dxp[:, i : i + h, j : j + w] += np.einsum("nyxo,co->nyxc", g, kernel[i, j])
-    dx = dxp[:, ph : ph + h, pw : pw + w]
-    return y, dx, dkernel, dbias
-
-
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @pytest.mark.parametrize(
@@ -78,12 +45,12 @@ def test_conv2d_same_and_its_gradients_equal_a_float64_reference(shape, ksize, c
 
     y, vjp = jax.vjp(fast_conv.conv2d_same, x, kernel, bias)
     dx, dkernel, dbias = vjp(jnp.asarray(g))
-    ref = _reference_conv_and_grads(x, kernel, bias, g)
+    ref = reference_conv_and_grads(x, kernel, bias, g)
     for name, got, want in zip(
         ("y", "dx", "dkernel", "dbias"), (y, dx, dkernel, dbias), ref, strict=True
     ):
         assert got.shape == want.shape, name
-        assert _rel_err(got, want) < 1e-5, name
+        assert rel_err(got, want) < 1e-5, name
 
 
 @pytest.mark.parametrize("shape,ksize", [((1, 13, 6, 3), 3), ((2, 10, 7, 2), 5), ((3, 9, 4, 2), 1)])
@@ -95,8 +62,8 @@ def test_kernel_gradient_in_row_strips_equals_the_float64_reference(shape, ksize
     kernel_shape = (ksize, ksize, shape[-1], 4)
     got = fast_conv.kernel_gradient(jnp.asarray(x), jnp.asarray(g), kernel_shape)
     zeros = np.zeros(kernel_shape, np.float32)
-    want = _reference_conv_and_grads(x, zeros, np.zeros(4, np.float32), g)[2]
-    assert _rel_err(got, want) < 1e-5
+    want = reference_conv_and_grads(x, zeros, np.zeros(4, np.float32), g)[2]
+    assert rel_err(got, want) < 1e-5
 
 
 def test_bias_gradient_handles_pixel_counts_not_divisible_by_the_group():
@@ -128,7 +95,7 @@ def test_cpu_conv_train_gradients_equal_plain_jax_grad(name, fields):
     assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads["cpu"])
     for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
         got = _leaf(grads["cpu"], path)
-        assert _rel_err(got, want) < 2e-5, jax.tree_util.keystr(path)
+        assert rel_err(got, want) < 2e-5, jax.tree_util.keystr(path)
 
 
 def _leaf(tree, path):
@@ -151,7 +118,7 @@ def test_cpu_conv_keeps_the_parameter_tree_and_initial_values():
 
 
 def test_conv_choice_follows_the_backend():
-    assert resolve_conv("auto", backend="cpu") == "cpu"
+    assert resolve_conv("auto", backend="cpu", devices=4) == "cpu"
     assert resolve_conv("auto", backend="gpu") == "xla"
     assert resolve_conv("xla", backend="cpu") == "xla"
     with pytest.raises(ValueError, match="model.conv"):
