@@ -8,11 +8,13 @@ process-wide and only on CPU:
   roughly doubles the DeepSR train step when XLA computes the convolutions (measured in
   `../shared/notes/xla-cpu-performance.md` and by `launch/benchmark.py`). The flags are read
   only when the backend starts, hence a function to call first thing.
-* The C allocator (`keep_freed_memory`). XLA:CPU allocates each step's temporaries — about
-  0.6 GB for DeepSR at 16×48×48 — with one `malloc` from a worker thread. glibc serves a block
-  that large from a fresh `mmap` every step and unmaps it afterwards, so every step first-touches
-  the whole block again: ~143,000 page faults, 7–15 % of the train step. One malloc arena that
-  never maps or trims keeps the block in the process, and later steps reuse it fault-free.
+* Optionally, the C allocator (`keep_freed_memory`, `PETSR_KEEP_FREED_MEMORY=1`). XLA:CPU
+  allocates each step's temporaries — about 0.6 GB for DeepSR at 16×48×48 — with one `malloc`
+  from a worker thread; glibc serves a block that large from a fresh `mmap` every step, so every
+  step first-touches it again (~135,000 page faults). Keeping freed memory in one arena removes
+  that and speeds the DeepSR train step up by ~8–12 %, but measured across fresh processes about
+  one run in five fragments its heap instead (3.8–4.4 GB resident against 1.1 GB, and 20–30 %
+  slower), so it is off unless asked for.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
 inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a
@@ -102,14 +104,14 @@ def keep_freed_memory(environ=None) -> bool:
     afresh), no `mmap` for large blocks, and no trimming below 2 GiB of free heap. The heap then
     stays at its peak size for the life of the process, as PyTorch's caching allocators do;
     XLA's per-step temporaries are reused without page faults. Must run before JAX starts its
-    threads. `PETSR_KEEP_FREED_MEMORY=0` turns it off. Returns whether it was applied (False on
-    other C libraries).
+    threads. Only with `PETSR_KEEP_FREED_MEMORY=1` (see the module docstring for why it is not
+    the default). Returns whether it was applied (False on other C libraries).
     """
     import ctypes
     import platform
 
     environ = os.environ if environ is None else environ
-    if environ.get("PETSR_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no"):
+    if environ.get("PETSR_KEEP_FREED_MEMORY", "0").strip().lower() not in ("1", "true", "yes"):
         return False
     if platform.libc_ver()[0] != "glibc":
         return False
@@ -119,8 +121,8 @@ def keep_freed_memory(environ=None) -> bool:
 
 
 def configure_cpu(environ=None) -> str | None:
-    """Add the measured XLA:CPU flags to `XLA_FLAGS` and `keep_freed_memory()`; call before
-    JAX's first computation.
+    """Add the measured XLA:CPU flags to `XLA_FLAGS` and, if asked for, `keep_freed_memory()`;
+    call before JAX's first computation.
 
     Does nothing (returns None) when an accelerator will be used or when the JAX backend has
     already started (a warning then, since the flags could no longer apply). The flags are left
