@@ -122,3 +122,27 @@ def reference_conv_and_grads(x, kernel, bias, g):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def assert_train_gradients_match_xla(name: str, conv: str, **fields) -> None:
+    """Same params, same batch: the loss gradient with `model.conv=conv` equals XLA autodiff's
+    (plain `jax.grad` through `flax.linen.Conv`) to float32 rounding."""
+    import jax
+
+    from petsr_jax import train
+    from petsr_jax.config import build_config
+    from petsr_jax.models import create_model
+
+    hr = jax.random.uniform(jax.random.key(3), (2, 24, 24, 1))
+    grads = {}
+    for impl in ("xla", conv):
+        config = build_config(name, ",".join(f"{k}={v}" for k, v in fields.items()))
+        with config.unlocked():
+            config.model.conv = impl
+        model = create_model(config)
+        params = model.init(jax.random.key(0), hr)["params"]
+        grads[impl] = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 3))(params, model, hr, 8)
+    assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads[conv])
+    got = dict(jax.tree_util.tree_leaves_with_path(grads[conv]))
+    for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+        assert rel_err(got[path], want) < 2e-5, jax.tree_util.keystr(path)

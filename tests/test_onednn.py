@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_conv_and_grads, rel_err
+from conftest import assert_train_gradients_match_xla, reference_conv_and_grads, rel_err
 
-from petsr_jax import fast_conv, onednn, perf, train
-from petsr_jax.config import build_config
-from petsr_jax.models import DeepSR, create_model, resolve_conv
+from petsr_jax import fast_conv, onednn, perf
+from petsr_jax.models import DeepSR, resolve_conv
 
 SUPPORTED_HOST = sys.platform == "linux" and platform.machine() == "x86_64"
 
@@ -62,26 +61,9 @@ def test_convolution_and_its_gradients_equal_the_float64_reference(n, h, w, cin,
         assert rel_err(a, b) < 1e-5, name
 
 
-def _config(name, conv, **fields):
-    config = build_config(name, ",".join(f"{k}={v}" for k, v in fields.items()))
-    with config.unlocked():
-        config.model.conv = conv
-    return config
-
-
 @pytest.mark.parametrize("name,fields", [("deepsr", {"model.num_blocks": 2}), ("srcnn", {})])
 def test_train_gradients_equal_plain_jax_grad(name, fields):
-    """Same params, same batch: the loss gradient with conv="onednn" equals XLA autodiff's."""
-    hr = jax.random.uniform(jax.random.key(3), (2, 24, 24, 1))
-    grads = {}
-    for conv in ("xla", "onednn"):
-        model = create_model(_config(name, conv, **fields))
-        params = model.init(jax.random.key(0), hr)["params"]
-        grads[conv] = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 3))(params, model, hr, 8)
-    assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads["onednn"])
-    flat = dict(jax.tree_util.tree_leaves_with_path(grads["onednn"]))
-    for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
-        assert rel_err(flat[path], want) < 2e-5, jax.tree_util.keystr(path)
+    assert_train_gradients_match_xla(name, "onednn", **fields)
 
 
 def test_the_graph_holds_the_custom_calls_and_no_xla_convolution():

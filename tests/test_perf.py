@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import reference_conv_and_grads, rel_err
+from conftest import assert_train_gradients_match_xla, reference_conv_and_grads, rel_err
 
-from petsr_jax import fast_conv, perf, train
-from petsr_jax.config import build_config
-from petsr_jax.models import SRCNN, DeepSR, count_params, create_model, resolve_conv
+from petsr_jax import fast_conv, perf
+from petsr_jax.models import SRCNN, DeepSR, count_params, resolve_conv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,32 +75,9 @@ def test_bias_gradient_handles_pixel_counts_not_divisible_by_the_group():
 # -------------------------------------------------------------------- whole-network equivalence
 
 
-def _config(name, conv, **fields):
-    config = build_config(name, ",".join(f"{k}={v}" for k, v in fields.items()))
-    with config.unlocked():
-        config.model.conv = conv
-    return config
-
-
 @pytest.mark.parametrize("name,fields", [("deepsr", {"model.num_blocks": 2}), ("srcnn", {})])
 def test_cpu_conv_train_gradients_equal_plain_jax_grad(name, fields):
-    """Same params, same batch: the loss gradient of conv="cpu" equals XLA autodiff's."""
-    hr = jax.random.uniform(jax.random.key(3), (2, 24, 24, 1))
-    grads = {}
-    for conv in ("xla", "cpu"):
-        model = create_model(_config(name, conv, **fields))
-        params = model.init(jax.random.key(0), hr)["params"]
-        grads[conv] = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 3))(params, model, hr, 8)
-    assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads["cpu"])
-    for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
-        got = _leaf(grads["cpu"], path)
-        assert rel_err(got, want) < 2e-5, jax.tree_util.keystr(path)
-
-
-def _leaf(tree, path):
-    for key in path:
-        tree = tree[key.key]
-    return tree
+    assert_train_gradients_match_xla(name, "cpu", **fields)
 
 
 def test_cpu_conv_keeps_the_parameter_tree_and_initial_values():
