@@ -14,7 +14,7 @@ import sys
 
 from petsr_jax import perf
 
-perf.configure_cpu()  # before JAX starts: XLA CPU flags that speed up training (no-op on GPUs)
+perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402

@@ -15,7 +15,7 @@ reported against the device's dense peak where it is known (GPUs), "n/a" on CPUs
 
 from petsr_jax import perf
 
-perf.configure_cpu()  # before JAX starts: XLA CPU flags that speed up training (no-op on GPUs)
+perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import json  # noqa: E402
 

@@ -15,7 +15,7 @@ refused before the first file is written.
 
 from petsr_jax import perf
 
-perf.configure_cpu()  # before JAX starts: XLA CPU flags (no-op on GPUs)
+perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags (no-op on GPUs)
 
 import sys  # noqa: E402
 

@@ -10,7 +10,7 @@ continues where it left off; the logic lives in `petsr_jax.reproduce` (importabl
 
 from petsr_jax import perf
 
-perf.configure_cpu()  # before JAX starts: XLA CPU flags that speed up training (no-op on GPUs)
+perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import shlex  # noqa: E402
 import sys  # noqa: E402

@@ -1,20 +1,18 @@
 """Speed: XLA CPU settings, FLOP accounting and the measurements behind `launch/benchmark.py`.
 
-`configure_cpu()` is called by the launch scripts before JAX starts. It does two things, both
-process-wide and only on CPU:
+`configure_cpu(relaunch=True)` is called by the launch scripts before JAX starts. It does two
+things, both process-wide and only on CPU:
 
 * XLA flags. jaxlib 0.10's default XLA:CPU pipeline hands convolutions to its YNNPACK fusions,
   whose weight-gradient convolution is several times slower than Eigen's; turning them off
   roughly doubles the DeepSR train step when XLA computes the convolutions (measured in
   `../shared/notes/xla-cpu-performance.md` and by `launch/benchmark.py`). The flags are read
   only when the backend starts, hence a function to call first thing.
-* Optionally, the C allocator (`keep_freed_memory`, `PETSR_KEEP_FREED_MEMORY=1`). XLA:CPU
-  allocates each step's temporaries — about 0.6 GB for DeepSR at 16×48×48 — with one `malloc`
-  from a worker thread; glibc serves a block that large from a fresh `mmap` every step, so every
-  step first-touches it again (~135,000 page faults). Keeping freed memory in one arena removes
-  that and speeds the DeepSR train step up by ~8–12 %, but measured across fresh processes about
-  one run in five fragments its heap instead (3.8–4.4 GB resident against 1.1 GB, and 20–30 %
-  slower), so it is off unless asked for.
+* The allocator (`use_tcmalloc`): XLA:CPU allocates each step's temporaries — about 0.6 GB
+  for DeepSR at 16×48×48 — as one block that glibc maps afresh and page-faults in every step.
+  Where tcmalloc is installed the script re-executes itself with it preloaded, which keeps the
+  block for reuse: the DeepSR train step runs ~10–15 % faster. `PETSR_ALLOCATOR=system` keeps
+  glibc.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
 inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a
@@ -93,42 +91,118 @@ def _accelerator_expected(environ) -> bool:
     return False
 
 
-# mallopt(3) parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# ------------------------------------------------------------------------------- the allocator
+
+ALLOCATOR_ENV = "PETSR_ALLOCATOR"
+# gperftools' tcmalloc, as Debian/Ubuntu (`libtcmalloc-minimal4`), Fedora and conda ship it.
+TCMALLOC_LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 
 
-def keep_freed_memory(environ=None) -> bool:
-    """Make glibc keep freed memory for reuse instead of returning it to the kernel.
+def find_tcmalloc(search_dirs: Iterable[str] | None = None) -> str | None:
+    """Path of an installed tcmalloc shared library, or None.
 
-    One arena (threads would otherwise get arenas whose blocks over 64 MiB are always mapped
-    afresh), no `mmap` for large blocks, and no trimming below 2 GiB of free heap. The heap then
-    stays at its peak size for the life of the process, as PyTorch's caching allocators do;
-    XLA's per-step temporaries are reused without page faults. Must run before JAX starts its
-    threads. Only with `PETSR_KEEP_FREED_MEMORY=1` (see the module docstring for why it is not
-    the default). Returns whether it was applied (False on other C libraries).
+    Looks in this Python's prefix (conda environments), `$CONDA_PREFIX` and the system library
+    directories, in that order.
     """
-    import ctypes
-    import platform
+    import sysconfig
 
-    environ = os.environ if environ is None else environ
-    if environ.get("PETSR_KEEP_FREED_MEMORY", "0").strip().lower() not in ("1", "true", "yes"):
+    if search_dirs is None:
+        multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+        search_dirs = [
+            os.path.join(sys.prefix, "lib"),
+            os.path.join(os.environ.get("CONDA_PREFIX", sys.prefix), "lib"),
+            *(os.path.join(root, multiarch) for root in ("/usr/lib", "/lib") if multiarch),
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/lib",
+        ]
+    for directory in search_dirs:
+        for name in TCMALLOC_LIBRARIES:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def tcmalloc_loaded() -> bool:
+    """Whether this process runs on tcmalloc (it is mapped into the process)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libtcmalloc" in line for line in maps)
+    except OSError:
         return False
-    if platform.libc_ver()[0] != "glibc":
+
+
+def _allocator_choice(environ) -> str:
+    choice = environ.get(ALLOCATOR_ENV, "tcmalloc").strip().lower() or "tcmalloc"
+    if choice not in ("tcmalloc", "system"):
+        raise ValueError(f"{ALLOCATOR_ENV} must be 'tcmalloc' or 'system', not {choice!r}")
+    return choice
+
+
+def _can_reexecute() -> bool:
+    """A script or `-m`/`-c` run can be re-executed with its argv; a REPL or notebook cannot."""
+    argv = getattr(sys, "orig_argv", None)
+    if not argv or len(argv) < 2 or hasattr(sys, "ps1") or sys.flags.interactive:
         return False
-    libc = ctypes.CDLL(None)
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return "ipykernel" not in sys.modules and sys.argv[0] not in ("", "-")
 
 
-def configure_cpu(environ=None) -> str | None:
-    """Add the measured XLA:CPU flags to `XLA_FLAGS` and, if asked for, `keep_freed_memory()`;
-    call before JAX's first computation.
+def use_tcmalloc(execve: Callable = os.execve) -> bool:
+    """Run this process on tcmalloc: re-execute it once with tcmalloc in `LD_PRELOAD`.
 
-    Does nothing (returns None) when an accelerator will be used or when the JAX backend has
-    already started (a warning then, since the flags could no longer apply). The flags are left
-    out when the running jaxlib was not measured or the user's `XLA_FLAGS` already choose the
-    YNN fusion setting. Returns the flag string it added otherwise. `environ` defaults to
-    `os.environ`; the allocator is only set up then (another mapping is not this process).
+    Why: XLA:CPU allocates each step's temporaries — about 0.6 GB for DeepSR at 16×48×48 — as
+    one block from a worker thread. glibc serves a block that large from a fresh `mmap` every
+    step and unmaps it at the end, so every step first-touches 0.6 GB again (~135,000 page
+    faults, ~10 % of the step). tcmalloc keeps freed blocks for reuse, as PyTorch's CPU
+    allocator effectively does for its tensors. (glibc cannot be told to: its `mmap` threshold is
+    capped at 32 MiB, and keeping large blocks in its main arena fragmented the heap in about
+    one fresh process in five, to 4 GB.) The preload has to be in place before the process
+    starts, hence the re-execution: same interpreter, same arguments, same PID.
+
+    Returns True when the process already runs on tcmalloc, False when it stays on the system
+    allocator: `PETSR_ALLOCATOR=system`, no tcmalloc installed (`apt-get install
+    libtcmalloc-minimal4`), an accelerator run, a notebook or REPL, or a preload that did not
+    take. Does not return when it re-executes. Call it first thing in a script, before threads.
+    """
+    if tcmalloc_loaded():
+        return True
+    if _allocator_choice(os.environ) == "system" or sys.platform != "linux":
+        return False
+    if _accelerator_expected(os.environ) or not _can_reexecute():
+        return False
+    library = find_tcmalloc()
+    if library is None:
+        log.info(
+            "tcmalloc not found: CPU training runs ~10%% slower on glibc's allocator "
+            "(apt-get install libtcmalloc-minimal4; %s=system silences this)",
+            ALLOCATOR_ENV,
+        )
+        return False
+    preload = os.environ.get("LD_PRELOAD", "")
+    if library in preload.replace(":", " ").split():
+        log.warning("%s is in LD_PRELOAD but not loaded; staying on the system allocator", library)
+        return False
+    env = dict(os.environ, LD_PRELOAD=f"{library} {preload}".strip())
+    # tcmalloc reports every allocation over 1 GiB on stderr; XLA's temporaries for large
+    # batches are that big by design.
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 42))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    return False  # only reached when `execve` is replaced (tests)
+
+
+def configure_cpu(environ=None, *, relaunch: bool = False) -> str | None:
+    """Add the measured XLA:CPU flags to `XLA_FLAGS`; call before JAX's first computation.
+
+    With `relaunch=True` (the launch scripts) it first moves the process onto tcmalloc by
+    re-executing it (`use_tcmalloc`), so call it first thing. Does nothing (returns None) when an
+    accelerator will be used or when the JAX backend has already started (a warning then, since
+    the flags could no longer apply). The flags are left out when the running jaxlib was not
+    measured or the user's `XLA_FLAGS` already choose the YNN fusion setting. Returns the flag
+    string it added otherwise. `environ` defaults to `os.environ`; only then is this process
+    ever re-executed (another mapping is not this process's environment).
     """
     from jax._src import xla_bridge
 
@@ -137,8 +211,8 @@ def configure_cpu(environ=None) -> str | None:
     if _accelerator_expected(environ):
         return None
     started = xla_bridge.backends_are_initialized()
-    if this_process and not started:
-        keep_freed_memory(environ)
+    if relaunch and this_process and not started:
+        use_tcmalloc()
     flags = CPU_XLA_FLAGS.get(_jaxlib_version() or (0, 0))
     if flags is None or YNN_FUSION_FLAG in environ.get("XLA_FLAGS", ""):
         return None
@@ -251,6 +325,7 @@ def _environment(device) -> dict:
         "backend": device.platform,
         "device": getattr(device, "device_kind", str(device)),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "allocator": "tcmalloc" if tcmalloc_loaded() else "system",
     }
 
 
@@ -586,7 +661,7 @@ def format_result(r: dict) -> str:
         )
     what = (
         f"jax {r['model']} {r['mode']} {r['size']}x{r['size']} b{r['batch']} {r['precision']} "
-        f"conv={r['conv']}"
+        f"conv={r['conv']} allocator={r['allocator']}"
     )
     if r["mode"] == "volume":
         what += f" ({r['slices']} slices)"

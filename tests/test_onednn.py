@@ -6,7 +6,6 @@ Values and all three gradients are checked against the float64 NumPy reference o
 builders in fresh processes (the library is built and registered once per process).
 """
 
-import functools
 import os
 import platform
 import subprocess
@@ -152,35 +151,3 @@ def test_concurrent_first_builds_each_load_one_complete_library(tmp_path):
     assert all(o.split()[:2] == ["True", "onednn"] for o in outs), outs
     libraries = list((tmp_path / "native").iterdir())
     assert len(libraries) == 1 and libraries[0].suffix == ".so"
-
-
-@functools.cache
-def _faults_of_second_allocation(keep: bool) -> int:
-    """Page faults of allocating, touching and freeing 256 MiB twice from a worker thread."""
-    code = """
-        import ctypes, resource, threading
-        from petsr_jax import perf
-        perf.configure_cpu()
-        libc = ctypes.CDLL(None)
-        libc.malloc.restype = ctypes.c_void_p
-        size, faults = 256 << 20, []
-        def touch():
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            p = libc.malloc(size)
-            ctypes.memset(p, 1, size)
-            libc.free(ctypes.c_void_p(p))
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-        for _ in range(2):
-            t = threading.Thread(target=touch); t.start(); t.join()
-        print(faults[1])
-    """
-    out = _python(code, PETSR_KEEP_FREED_MEMORY="1" if keep else "0", JAX_PLATFORMS="cpu")
-    assert out.returncode == 0, out.stderr
-    return int(out.stdout.split()[-1])
-
-
-def test_configured_process_reuses_large_blocks_without_page_faults():
-    """What `perf.keep_freed_memory` is for: XLA's per-step temporaries are one such block."""
-    pages = (256 << 20) // 4096
-    assert _faults_of_second_allocation(keep=False) > pages // 2  # mapped afresh every time
-    assert _faults_of_second_allocation(keep=True) < pages // 50

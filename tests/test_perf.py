@@ -229,3 +229,107 @@ def test_benchmark_script_prints_one_json_line():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["mode"] == "infer" and result["images_per_s"] > 0
     assert result["params"] == 8129
+
+
+# ------------------------------------------------------------------------------- the allocator
+
+needs_tcmalloc = pytest.mark.skipif(
+    perf.find_tcmalloc() is None,
+    reason="tcmalloc not installed (apt-get install libtcmalloc-minimal4)",
+)
+
+RELAUNCH_PROBE = """
+import os, sys
+print("start", os.getpid(), flush=True)
+from petsr_jax import perf
+perf.configure_cpu(relaunch=True)
+print("running", os.getpid(), perf.tcmalloc_loaded(), sys.argv[1:], flush=True)
+"""
+
+
+def _python(code: str, *args: str, **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}
+    env.update(JAX_PLATFORMS="cpu", **env_changes)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+@needs_tcmalloc
+def test_launch_scripts_reexecute_once_onto_tcmalloc_with_the_same_arguments():
+    out = _python(RELAUNCH_PROBE, "--config=x", "two words")
+    assert out.returncode == 0, out.stderr
+    lines = [line.split(maxsplit=2) for line in out.stdout.splitlines()]
+    assert [line[0] for line in lines] == ["start", "start", "running"]  # one re-execution
+    assert lines[0][1] == lines[1][1] == lines[2][1]  # the same process, as schedulers see it
+    assert lines[2][2] == "True ['--config=x', 'two words']"
+
+
+def test_the_system_allocator_can_be_kept_and_a_typo_is_an_error():
+    out = _python(RELAUNCH_PROBE, PETSR_ALLOCATOR="system")
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[0] for line in out.stdout.splitlines()] == ["start", "running"]
+    assert out.stdout.splitlines()[-1].endswith("False []")
+    typo = _python(RELAUNCH_PROBE, PETSR_ALLOCATOR="tcmaloc")
+    assert typo.returncode != 0 and "PETSR_ALLOCATOR must be" in typo.stderr
+
+
+def test_use_tcmalloc_prepends_the_library_and_never_loops(monkeypatch, tmp_path):
+    library = tmp_path / perf.TCMALLOC_LIBRARIES[0]
+    library.write_bytes(b"")
+    assert perf.find_tcmalloc([str(tmp_path / "missing"), str(tmp_path)]) == str(library)
+    monkeypatch.setattr(perf, "tcmalloc_loaded", lambda: False)
+    monkeypatch.setattr(perf, "find_tcmalloc", lambda: str(library))
+    monkeypatch.setattr(perf, "_can_reexecute", lambda: True)
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-u", "launch/main.py", "--flag"])
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    monkeypatch.delenv("PETSR_ALLOCATOR", raising=False)
+    calls = []
+    assert not perf.use_tcmalloc(execve=lambda *a: calls.append(a))
+    ((path, argv, env),) = calls
+    assert path == sys.executable and argv == [sys.executable, "-u", "launch/main.py", "--flag"]
+    assert env["LD_PRELOAD"] == f"{library} libother.so"
+    # The preload was tried but did not take: stay, rather than re-executing forever.
+    monkeypatch.setenv("LD_PRELOAD", env["LD_PRELOAD"])
+    assert not perf.use_tcmalloc(execve=lambda *a: calls.append(a)) and len(calls) == 1
+    # Accelerator runs keep their allocator.
+    monkeypatch.setenv("LD_PRELOAD", "")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not perf.use_tcmalloc(execve=lambda *a: calls.append(a)) and len(calls) == 1
+
+
+@functools.cache
+def _faults_of_second_allocation(allocator: str) -> int:
+    """Page faults of allocating, touching and freeing 256 MiB, the second of two times, from a
+    worker thread — the way XLA:CPU allocates a step's temporaries."""
+    code = """
+import ctypes, resource, threading
+from petsr_jax import perf
+perf.configure_cpu(relaunch=True)
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+size, faults = 256 << 20, []
+def touch():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(ctypes.c_void_p(p))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(2):
+    t = threading.Thread(target=touch); t.start(); t.join()
+print(perf.tcmalloc_loaded(), faults[1])
+"""
+    out = _python(code, PETSR_ALLOCATOR=allocator)
+    assert out.returncode == 0, out.stderr
+    loaded, faults = out.stdout.split()[-2:]
+    assert loaded == str(allocator == "tcmalloc")
+    return int(faults)
+
+
+@needs_tcmalloc
+def test_on_tcmalloc_a_large_block_is_reused_without_page_faults():
+    """Why the launch scripts move onto tcmalloc: glibc maps such a block afresh every time."""
+    pages = (256 << 20) // 4096
+    assert _faults_of_second_allocation("system") > pages // 2
+    assert _faults_of_second_allocation("tcmalloc") < pages // 50
