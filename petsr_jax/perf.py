@@ -142,8 +142,12 @@ def _allocator_choice(environ) -> str:
 
 def _can_reexecute() -> bool:
     """A script or `-m`/`-c` run can be re-executed with its argv; a REPL or notebook cannot."""
+    import multiprocessing
+
     argv = getattr(sys, "orig_argv", None)
     if not argv or len(argv) < 2 or hasattr(sys, "ps1") or sys.flags.interactive:
+        return False
+    if multiprocessing.parent_process() is not None:  # a worker: its parent decided
         return False
     return "ipykernel" not in sys.modules and sys.argv[0] not in ("", "-")
 

@@ -299,6 +299,18 @@ def test_use_tcmalloc_prepends_the_library_and_never_loops(monkeypatch, tmp_path
     assert not perf.use_tcmalloc(execve=lambda *a: calls.append(a)) and len(calls) == 1
 
 
+def test_notebooks_and_worker_processes_are_never_reexecuted(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "launch/main.py"])
+    monkeypatch.setattr(sys, "argv", ["launch/main.py"])
+    assert perf._can_reexecute()
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # a data-loader worker
+        assert pool.apply(perf._can_reexecute) is False
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)  # an interactive session
+    assert not perf._can_reexecute()
+
+
 @functools.cache
 def _faults_of_second_allocation(allocator: str) -> int:
     """Page faults of allocating, touching and freeing 256 MiB, the second of two times, from a
