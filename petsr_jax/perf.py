@@ -11,8 +11,8 @@ things, both process-wide and only on CPU:
 * The allocator (`use_tcmalloc`): XLA:CPU allocates each step's temporaries — about 0.6 GB
   for DeepSR at 16×48×48 — as one block that glibc maps afresh and page-faults in every step.
   Where tcmalloc is installed the script re-executes itself with it preloaded, which keeps the
-  block for reuse: the DeepSR train step runs ~10–15 % faster. `PETSR_ALLOCATOR=system` keeps
-  glibc.
+  block for reuse: the DeepSR train step ran 6–16 % faster (README, "Speed").
+  `PETSR_ALLOCATOR=system` keeps glibc.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
 inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a
