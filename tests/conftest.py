@@ -1,6 +1,9 @@
 """Shared test set-up: four fake CPU devices (sharding tests), absl flags parsed (Grain)."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 # Must be set before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "")
@@ -27,6 +30,25 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     base = tmp_path_factory.getbasetemp()
     monkeypatch.setenv("PETSR_CACHE_DIR", str(base / "slice_cache"))
     monkeypatch.setenv("PETSR_DATA_DIR", str(base / "cohorts"))
+
+
+def fresh_python_env(**changes) -> dict:
+    """This process's environment for a fresh Python: without the four fake devices of
+    `XLA_FLAGS` (one device, as a real run has) and without a preloaded allocator."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}
+    env.update(changes)
+    return env
+
+
+def run_python(code: str, *args: str, **env_changes) -> subprocess.CompletedProcess:
+    """Run `code` (dedented) in a fresh Python with `args` as its argv; output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=fresh_python_env(**env_changes),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def blob_volume(seed: int, slices: int = 8, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,6 @@ Values and all three gradients are checked against the float64 NumPy reference o
 builders in fresh processes (the library is built and registered once per process).
 """
 
-import os
 import platform
 import subprocess
 import sys
@@ -16,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_train_gradients_match_xla, reference_conv_and_grads, rel_err
+from conftest import (
+    assert_train_gradients_match_xla,
+    fresh_python_env,
+    reference_conv_and_grads,
+    rel_err,
+    run_python,
+)
 
 from petsr_jax import fast_conv, onednn, perf
 from petsr_jax.models import DeepSR, resolve_conv
@@ -102,14 +107,6 @@ def test_benchmark_reports_the_onednn_path():
 # ------------------------------------------------------------------- builds in fresh processes
 
 
-def _python(code: str, **env_changes) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(env_changes)
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True
-    )
-
-
 PROBE = """
     from petsr_jax import perf; perf.configure_cpu()
     from petsr_jax import onednn
@@ -123,7 +120,7 @@ def test_a_failing_compiler_means_fallback_with_the_reason(tmp_path):
     compiler.write_text("#!/bin/sh\necho 'fatal: this compiler is broken' >&2\nexit 1\n")
     compiler.chmod(0o755)
     cache = tmp_path / "cache"
-    out = _python(PROBE, CXX=str(compiler), PETSR_CACHE_DIR=str(cache))
+    out = run_python(PROBE, CXX=str(compiler), PETSR_CACHE_DIR=str(cache))
     assert out.returncode == 0, out.stderr
     available, conv, _, reason = out.stdout.split(maxsplit=3)
     assert (available, conv) == ("False", "cpu")
@@ -132,15 +129,14 @@ def test_a_failing_compiler_means_fallback_with_the_reason(tmp_path):
 
 
 def test_turning_the_path_off_falls_back():
-    out = _python(PROBE, PETSR_ONEDNN="0")
+    out = run_python(PROBE, PETSR_ONEDNN="0")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:2] == ["False", "cpu"] and "PETSR_ONEDNN" in out.stdout
 
 
 def test_concurrent_first_builds_each_load_one_complete_library(tmp_path):
     """Multi-host runs start several processes on one machine at once, all with a cold cache."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PETSR_CACHE_DIR"] = str(tmp_path)
+    env = fresh_python_env(PETSR_CACHE_DIR=str(tmp_path))
     code = textwrap.dedent(PROBE)
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)

@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_train_gradients_match_xla, reference_conv_and_grads, rel_err
+from conftest import (
+    assert_train_gradients_match_xla,
+    reference_conv_and_grads,
+    rel_err,
+    run_python,
+)
 
 from petsr_jax import fast_conv, perf
 from petsr_jax.models import SRCNN, DeepSR, count_params, resolve_conv
@@ -150,11 +155,8 @@ def test_configured_process_compiles_convolutions_without_ynn_fusions():
         "f = jax.jit(jax.grad(lambda k: conv2d_same(x, k, b).sum()))\n"
         "print(perf.ynn_fusions_in(f.lower(k).compile().as_text()))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["JAX_PLATFORMS"] = "cpu"
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    out = run_python(code, JAX_PLATFORMS="cpu")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
@@ -247,17 +249,9 @@ print("running", os.getpid(), perf.tcmalloc_loaded(), sys.argv[1:], flush=True)
 """
 
 
-def _python(code: str, *args: str, **env_changes) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "LD_PRELOAD")}
-    env.update(JAX_PLATFORMS="cpu", **env_changes)
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 @needs_tcmalloc
 def test_launch_scripts_reexecute_once_onto_tcmalloc_with_the_same_arguments():
-    out = _python(RELAUNCH_PROBE, "--config=x", "two words")
+    out = run_python(RELAUNCH_PROBE, "--config=x", "two words")
     assert out.returncode == 0, out.stderr
     lines = [line.split(maxsplit=2) for line in out.stdout.splitlines()]
     assert [line[0] for line in lines] == ["start", "start", "running"]  # one re-execution
@@ -266,11 +260,11 @@ def test_launch_scripts_reexecute_once_onto_tcmalloc_with_the_same_arguments():
 
 
 def test_the_system_allocator_can_be_kept_and_a_typo_is_an_error():
-    out = _python(RELAUNCH_PROBE, PETSR_ALLOCATOR="system")
+    out = run_python(RELAUNCH_PROBE, PETSR_ALLOCATOR="system")
     assert out.returncode == 0, out.stderr
     assert [line.split()[0] for line in out.stdout.splitlines()] == ["start", "running"]
     assert out.stdout.splitlines()[-1].endswith("False []")
-    typo = _python(RELAUNCH_PROBE, PETSR_ALLOCATOR="tcmaloc")
+    typo = run_python(RELAUNCH_PROBE, PETSR_ALLOCATOR="tcmaloc")
     assert typo.returncode != 0 and "PETSR_ALLOCATOR must be" in typo.stderr
 
 
@@ -332,7 +326,7 @@ for _ in range(2):
     t = threading.Thread(target=touch); t.start(); t.join()
 print(perf.tcmalloc_loaded(), faults[1])
 """
-    out = _python(code, PETSR_ALLOCATOR=allocator)
+    out = run_python(code, PETSR_ALLOCATOR=allocator)
     assert out.returncode == 0, out.stderr
     loaded, faults = out.stdout.split()[-2:]
     assert loaded == str(allocator == "tcmalloc")
