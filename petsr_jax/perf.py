@@ -157,7 +157,7 @@ def use_tcmalloc(execve: Callable = os.execve) -> bool:
 
     Why: XLA:CPU allocates each step's temporaries — about 0.6 GB for DeepSR at 16×48×48 — as
     one block from a worker thread. glibc serves a block that large from a fresh `mmap` every
-    step and unmaps it at the end, so every step first-touches 0.6 GB again (~135,000 page
+    step and unmaps it at the end, so every step first-touches 0.6 GB again (~143,000 page
     faults, ~10 % of the step). tcmalloc keeps freed blocks for reuse, as PyTorch's CPU
     allocator effectively does for its tensors. (glibc cannot be told to: its `mmap` threshold is
     capped at 32 MiB, and keeping large blocks in its main arena fragmented the heap in about
