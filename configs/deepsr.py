@@ -3,7 +3,7 @@
 Run:
     python launch/main.py --config=configs/deepsr.py:scale=8
     python launch/main.py --config=configs/deepsr.py:scale=8,quick      # 2-core CPU, minutes
-    python launch/main.py --config=configs/deepsr.py:scale=12 --config.model.global_skip=feature
+    python launch/main.py --config=configs/deepsr.py:scale=12 --config.model.global_skip=image   # the paper text's skip
 """
 
 from petsr_jax.config import build_config

@@ -39,6 +39,8 @@ RUN_IDENTITY_FIELDS = (
     "model.num_blocks",
     "model.width",
     "model.global_skip",
+    "model.init",
+    "model.residual_scale",
     "model.in_channels",
     "scale",
     "seed",

@@ -74,9 +74,16 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # DeepSR only: 20 residual blocks of 64 features (Sec. 3.1.2).
             "num_blocks": 20,
             "width": 64,
-            # "image": output = input + net(input) (paper text); "feature": long skip at
-            # feature level (the authors' released code).
-            "global_skip": "image",
+            # "feature": long skip at feature level, conv_out(blocks(h) + h) — the authors'
+            # released code, the network behind the paper's tables; "image": output = input +
+            # net(input), the paper's text.
+            "global_skip": "feature",
+            # Convolution initialisation: "torch" (PyTorch's default, which the authors' code
+            # trained with), "flax" (lecun_normal: 20 blocks explode at init) or "srcnn"
+            # (N(0, 0.001²)); see petsr_jax.models.
+            "init": "torch",
+            # Residual branches scaled by this before they are added (EDSR: 0.1); 1 = the paper.
+            "residual_scale": 1.0,
             "remat": False,
             "in_channels": 1,
             # How convolutions are computed, not what: "auto" takes oneDNN on CPUs (or, where it
@@ -311,6 +318,12 @@ def validate(config, num_devices: int | None = None) -> None:
         errors.append(f"model.name: expected one of {sorted(PAPER_LR)}, got {m.name!r}")
     if m.global_skip not in ("image", "feature"):
         errors.append(f"model.global_skip: expected 'image' or 'feature', got {m.global_skip!r}")
+    from petsr_jax.models import INITS
+
+    if m.init not in INITS:
+        errors.append(f"model.init: expected one of {', '.join(INITS)}, got {m.init!r}")
+    if not m.residual_scale > 0:
+        errors.append(f"model.residual_scale: expected a positive factor, got {m.residual_scale}")
     if m.conv not in ("auto", "xla", "cpu", "onednn"):
         errors.append(f"model.conv: expected auto, xla, cpu or onednn, got {m.conv!r}")
     if m.num_blocks < 0 or m.width < 1 or m.in_channels < 1:

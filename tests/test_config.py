@@ -14,8 +14,9 @@ def test_paper_protocol_is_the_default():
     assert (deepsr.model.num_blocks, deepsr.model.width, deepsr.model.global_skip) == (
         20,
         64,
-        "image",
+        "feature",
     )
+    assert deepsr.model.init == "torch" and deepsr.model.residual_scale == 1.0
 
 
 def test_arg_parses_typed_values_flags_and_short_keys():

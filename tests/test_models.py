@@ -75,7 +75,7 @@ def test_bfloat16_compute_keeps_float32_params_and_output():
 
 
 def test_extra_input_channels_feed_the_network_but_the_skip_uses_the_pet_channel():
-    model = DeepSR(num_blocks=1, width=4)
+    model = DeepSR(num_blocks=1, width=4, global_skip="image")
     x, params = _init(model, (2, 16, 16, 2))
     assert params["conv_in"]["kernel"].shape == (3, 3, 2, 4)
     zero = jax.tree.map(jnp.zeros_like, params)
@@ -87,3 +87,82 @@ def test_create_model_follows_the_config():
     model = create_model(config)
     assert (model.num_blocks, model.width, model.dtype) == (3, 16, jnp.bfloat16)
     assert isinstance(create_model(build_config("srcnn")), SRCNN)
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation: PyTorch's default (the authors' code) keeps the deep residual stream stable
+# --------------------------------------------------------------------------------------------
+
+
+def _relative_init_change(initialization, skip, seed, conv="xla"):
+    """rms(output − input) / rms(input) of the full DeepSR 20×64 at initialisation."""
+    x = jax.random.uniform(jax.random.key(100 + seed), (2, 32, 32, 1))
+    model = DeepSR(global_skip=skip, initialization=initialization, conv=conv)
+    params = model.init(jax.random.key(seed), x)["params"]
+    y = model.apply({"params": params}, x)
+    return float(jnp.sqrt(jnp.mean(jnp.square(y - x))) / jnp.sqrt(jnp.mean(jnp.square(x))))
+
+
+@pytest.mark.parametrize("skip", ["feature", "image"])
+def test_full_deepsr_starts_near_its_input_with_torch_init_and_explodes_with_flax_init(skip):
+    for seed in range(3):
+        assert _relative_init_change("torch", skip, seed) < 2.0
+        assert _relative_init_change("flax", skip, seed) > 10.0
+
+
+def test_torch_init_is_the_same_on_every_convolution_path():
+    x = jnp.ones((1, 16, 16, 1))
+    params = {
+        conv: DeepSR(num_blocks=2, width=16, conv=conv).init(jax.random.key(3), x)["params"]
+        for conv in ("xla", "cpu")
+    }
+    jax.tree.map(np.testing.assert_array_equal, params["xla"], params["cpu"])
+
+
+def test_torch_init_draws_as_pytorch_conv2d_does():
+    # PyTorch: kernel kaiming_uniform(a=√5) = U(±1/√fan_in), bias U(±1/√fan_in).
+    torch = pytest.importorskip("torch")
+    params = SRCNN().init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))["params"]
+    params.update(DeepSR(num_blocks=1).init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))["params"])
+    for name in ("patch_extraction", "nonlinear_mapping", "reconstruction", "block_0"):
+        layer = params[name]["conv1"] if name == "block_0" else params[name]
+        kh, kw, c_in, c_out = layer["kernel"].shape
+        reference = torch.nn.Conv2d(c_in, c_out, (kh, kw))
+        bound = 1 / np.sqrt(kh * kw * c_in)
+        for ours, theirs in ((layer["kernel"], reference.weight), (layer["bias"], reference.bias)):
+            ours, theirs = np.asarray(ours), theirs.detach().numpy()
+            assert np.abs(ours).max() <= bound
+            assert np.abs(theirs).max() <= bound
+            if ours.size >= 1000:  # same distribution: standard deviations within sampling error
+                assert abs(ours.std() - theirs.std()) < 0.05 * theirs.std()
+
+
+def test_srcnn_init_is_the_original_gaussian():
+    params = SRCNN(initialization="srcnn").init(jax.random.key(0), jnp.ones((1, 16, 16, 1)))
+    kernel = np.asarray(params["params"]["patch_extraction"]["kernel"])
+    assert abs(kernel.std() - 0.001) < 1e-4
+    assert not np.any(params["params"]["patch_extraction"]["bias"])
+
+
+def test_residual_scale_scales_each_block_branch():
+    x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1))
+    scaled = DeepSR(num_blocks=2, width=8, residual_scale=0.1)
+    params = scaled.init(jax.random.key(0), x)["params"]
+    # The same function: scale 1 with each block's second convolution multiplied by 0.1.
+    folded = {k: dict(v) for k, v in params.items()}
+    for i in range(2):
+        folded[f"block_{i}"]["conv2"] = jax.tree.map(
+            lambda p: 0.1 * p, params[f"block_{i}"]["conv2"]
+        )
+    np.testing.assert_allclose(
+        scaled.apply({"params": params}, x),
+        DeepSR(num_blocks=2, width=8).apply({"params": folded}, x),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_create_model_takes_init_and_residual_scale_from_the_config():
+    model = create_model(build_config("deepsr", "init=flax,residual_scale=0.1"))
+    assert (model.initialization, model.residual_scale) == ("flax", 0.1)
+    assert create_model(build_config("deepsr")).global_skip == "feature"
