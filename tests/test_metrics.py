@@ -61,3 +61,29 @@ def test_masked_metrics_only_look_inside_the_mask():
     np.testing.assert_allclose(
         metrics.ssim(x, y, mask)[0], smap[5:-5, 5:-5][inner].mean(), atol=1e-5
     )
+
+
+def test_uniform_window_ssim_is_scikit_image_default():
+    # The paper's evaluation: structural_similarity(x, y, data_range=1), nothing else set.
+    x, y = _pair(3)
+    got = np.asarray(metrics.ssim(x, y, window="uniform"))
+    expected = [structural_similarity(x[i, ..., 0], y[i, ..., 0], data_range=1) for i in range(3)]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # ... on smooth, image-like 8-bit content too, where the two windows differ.
+    yy, xx = np.mgrid[0:64, 0:64] / 64.0
+    hr = np.round(255 * np.exp(-((yy - 0.5) ** 2 + (xx - 0.4) ** 2) / 0.05)) / 255
+    lr = np.round(255 * np.exp(-((yy - 0.5) ** 2 + (xx - 0.42) ** 2) / 0.06)) / 255
+    pair = [a[None, ..., None].astype(np.float32) for a in (lr, hr)]
+    uniform = float(metrics.ssim(*pair, window="uniform")[0])
+    assert abs(uniform - structural_similarity(lr, hr, data_range=1)) < 1e-4
+    assert abs(uniform - float(metrics.ssim(*pair)[0])) > 1e-3
+
+
+def test_masked_uniform_ssim_averages_the_map_inside_the_mask():
+    x, y = _pair(4)
+    mask = np.zeros_like(x, bool)
+    mask[:, 8:30, 10:40] = True
+    _, smap = structural_similarity(x[0, ..., 0], y[0, ..., 0], data_range=1.0, full=True)
+    inner = mask[0, 3:-3, 3:-3, 0]
+    got = metrics.ssim(x, y, mask, window="uniform")[0]
+    np.testing.assert_allclose(got, smap[3:-3, 3:-3][inner].mean(), atol=1e-4)
