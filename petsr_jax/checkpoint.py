@@ -52,6 +52,7 @@ RUN_IDENTITY_FIELDS = (
     "data.split_file",
     "data.crop_size",
     "data.flip",
+    "data.domain",
     "train.batch_size",
 )
 

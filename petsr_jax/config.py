@@ -47,6 +47,14 @@ _TINY = {
     "eval.lpips": False,
     "eval.num_figure_slices": 2,
 }
+# The authors' protocol (their released code): slices min–max scaled to 8 bits, the input made
+# by PIL's 8-bit bicubic, batch 16, no augmentation, constant learning rate, final weights.
+_PAPER = {
+    "data.domain": "paper",
+    "data.flip": False,
+    "train.batch_size": 16,
+    "eval.weights": "final",
+}
 FLAGS: dict[str, dict[str, dict[str, Any]]] = {
     # A run that finishes on a 2-core CPU in minutes (cohort generation included) and still
     # shows the model clearly above bicubic: the small cohort at 128², random 64² crops, and a
@@ -55,6 +63,8 @@ FLAGS: dict[str, dict[str, dict[str, Any]]] = {
         "srcnn": _QUICK,
         "deepsr": {**_QUICK, "model.num_blocks": 6, "model.width": 32, "train.lr": 5e-4},
     },
+    # The paper's data domain, metrics and training protocol (combine: `quick,paper`).
+    "paper": {"srcnn": _PAPER, "deepsr": _PAPER},
     # Unit-test sized: a few steps on the tiny cohort.
     "tiny": {
         "srcnn": _TINY,
@@ -110,6 +120,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # Val/test slices: "mask" (brain slices by the brain mask, else by intensity),
             # "all", or an explicit range "start:stop" of slice indices.
             "eval_slices": "mask",
+            # What the network sees: "physical" (each volume / its maximum, float; outputs in
+            # physical units) or "paper" (each slice min–max to 8 bits, the input degraded as
+            # PIL resizes 8-bit images, scored with the paper's metrics); see data.to_domain.
+            "domain": "physical",
             # Training crops (0 = whole slices, as the paper) and flips.
             "crop_size": 0,
             "flip": True,
@@ -132,6 +146,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
         {
             "batch_size": 8,
             "lpips": True,
+            # Params scored at the end and loaded by default: "best" (best validation PSNR)
+            # or "final" (the last step, as the authors did).
+            "weights": "best",
             # Folder holding vgg16_weights.h5 and lpips_lin.h5 (else $PETSR_LPIPS_WEIGHTS, the
             # hub cache, or a download where the network allows).
             "lpips_weights": "",
@@ -366,6 +383,10 @@ def validate(config, num_devices: int | None = None) -> None:
         errors.append(str(e))
     if config.data.split_file and not os.path.isfile(config.data.split_file):
         errors.append(f"data.split_file: {config.data.split_file!r} does not exist")
+    if config.data.domain not in ("physical", "paper"):
+        errors.append(f"data.domain: expected physical or paper, got {config.data.domain!r}")
+    if config.eval.weights not in ("best", "final"):
+        errors.append(f"eval.weights: expected best or final, got {config.eval.weights!r}")
     es = config.data.eval_slices
     if es not in ("mask", "all") and not _is_range(es):
         errors.append(f"data.eval_slices: expected 'mask', 'all' or 'start:stop', got {es!r}")

@@ -1,16 +1,22 @@
 """Evaluation: the model's output and the bicubic input, both against the original.
 
 `evaluate` runs a split's slices through one jitted function that degrades, super-resolves and
-scores each slice (PSNR and SSIM over the whole slice and inside the brain mask), so training,
-evaluation and reports share the single `degrade()`. LPIPS is added when its weights are
-available; otherwise the reason is recorded and every other number is still reported.
-`summarise` turns per-slice scores into mean ± std over slices and per-patient means.
+scores each slice, so training, evaluation and reports share the single `degrade()`. What is
+scored follows the run's data domain (`data.domain`, see `petsr_jax.data.to_domain`):
 
-Two metric modes: "physical" (`evaluate`: each volume divided by its maximum, whole slice and
-brain mask) and "paper" (`paper_mode_scores`: the authors' protocol, each slice min–max scaled
-to 8 bits and degraded as PIL resizes 8-bit images), so our numbers can be set beside the
-paper's Tables 1–3. `regional_recovery` answers the clinical question in physical units: how
-far bicubic and SR move the mean and maximum activity of grey matter and of each lesion.
+* "physical" — slices as each volume divided by its maximum: PSNR and SSIM (Gaussian window)
+  over the whole slice and inside the brain mask, LPIPS on the images clipped to [0, 1].
+* "paper" — the authors' protocol: each slice min–max scaled to 8 bits, the input degraded as
+  PIL resizes 8-bit images, the output stored as an 8-bit image (`store_8bit`); PSNR on /255
+  images with data range 1, SSIM with scikit-image's defaults (`window="uniform"`), LPIPS(VGG)
+  — the numbers to set beside the paper's Tables 1–3. The same outputs mapped back per slice
+  (`data.from_domain`) are also scored as in "physical" (`psnr_physical`, `ssim_physical`,
+  `psnr_brain`, `ssim_brain`), so one trained model gives both tables.
+
+LPIPS is added when its weights are available; otherwise the reason is recorded and every other
+number is still reported. `summarise` turns per-slice scores into mean ± std over slices and
+per-patient means. `regional_recovery` answers the clinical question in physical units: how far
+bicubic and SR move the mean and maximum activity of grey matter and of each lesion.
 """
 
 from __future__ import annotations
@@ -22,42 +28,70 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from petsr_jax import metrics, sharding
-from petsr_jax.degrade import degrade
+from petsr_jax import data, metrics, sharding
+from petsr_jax.degrade import degrade, store_8bit
 
 log = logging.getLogger(__name__)
 
 IMAGES = ("bicubic", "sr")
 
 
-def make_predict_fn(model, scale: int):
-    """`predict(params, hr) -> (lr_up, sr)` for NHWC high-resolution slices (not jitted)."""
+def make_predict_fn(model, scale: int, domain: str = "physical"):
+    """`predict(params, hr) -> (lr_up, sr)` for NHWC slices in `domain` (not jitted)."""
 
     def predict(params, hr):
-        lr_up = degrade(hr, scale)
+        lr_up = degrade(hr, scale, domain)
         sr = model.apply({"params": params}, lr_up)
         return lr_up, sr
 
     return predict
 
 
-def make_score_fn(model, scale: int, mesh):
-    """A jitted `score(params, hr, mask) -> {"<image>/<metric>": [N]}` with the batch sharded."""
-    predict = make_predict_fn(model, scale)
+def _physical_scores(out, images, hr, mask):
+    """PSNR / SSIM (Gaussian window) of each image, whole slice and inside `mask`."""
+    for name, img in images:
+        out[f"{name}/psnr"] = metrics.psnr(img, hr)
+        out[f"{name}/ssim"] = metrics.ssim(img, hr)
+        out[f"{name}/psnr_brain"] = metrics.psnr(img, hr, mask)
+        out[f"{name}/ssim_brain"] = metrics.ssim(img, hr, mask)
 
-    def score(params, hr, mask):
+
+def make_score_fn(model, scale: int, mesh, domain: str = "physical"):
+    """A jitted `score(params, batch) -> {"<image>/<metric>": [N]}` with the batch sharded.
+
+    `batch` holds `hr` (in `domain`), `mask`, and for "paper" also `low`, `span` (`to_domain`)
+    and `hr_volume`, the slices before `to_domain`.
+    """
+    predict = make_predict_fn(model, scale, domain)
+
+    def score(params, batch):
+        hr, mask = batch["hr"], batch["mask"]
         lr_up, sr = predict(params, hr)
         out = {}
-        for name, img in (("bicubic", lr_up), ("sr", sr)):
+        if domain == "physical":
+            _physical_scores(out, (("bicubic", lr_up), ("sr", sr)), hr, mask)
+            return out
+        images = (("bicubic", lr_up), ("sr", store_8bit(sr)))
+        for name, img in images:
             out[f"{name}/psnr"] = metrics.psnr(img, hr)
-            out[f"{name}/ssim"] = metrics.ssim(img, hr)
-            out[f"{name}/psnr_brain"] = metrics.psnr(img, hr, mask)
-            out[f"{name}/ssim_brain"] = metrics.ssim(img, hr, mask)
+            out[f"{name}/ssim"] = metrics.ssim(img, hr, window="uniform")
+        low, span = batch["low"][:, None, None, None], batch["span"][:, None, None, None]
+        physical = {}
+        _physical_scores(
+            physical,
+            [(name, low + span * img) for name, img in images],
+            batch["hr_volume"],
+            mask,
+        )
+        for key, value in physical.items():
+            image, metric = key.split("/")
+            if metric in ("psnr", "ssim"):
+                metric += "_physical"
+            out[f"{image}/{metric}"] = value
         return out
 
     rep = sharding.replicated(mesh)
-    data = sharding.batch_sharded(mesh)
-    return jax.jit(score, in_shardings=(rep, data, data), out_shardings=rep)
+    return jax.jit(score, in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=rep)
 
 
 def _padded_batches(n: int, batch_size: int, multiple: int):
@@ -75,6 +109,20 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
+def _score_batch(slices, start: int, stop: int, size: int, domain: str) -> dict:
+    """Host arrays of one evaluation batch of a `SliceSet`, padded to `size` slices."""
+    volume = np.asarray(slices.hr[start:stop], np.float32)
+    hr, low, span = data.to_domain(volume, domain)
+    if slices.mask is not None:
+        mask = np.asarray(slices.mask[start:stop])[..., None]
+    else:
+        mask = np.ones(hr.shape + (1,), bool)
+    batch = {"hr": hr[..., None], "mask": mask}
+    if domain != "physical":
+        batch.update(low=low, span=span, hr_volume=volume[..., None])
+    return {k: _pad(v, size) for k, v in batch.items()}
+
+
 def evaluate(
     params,
     slices,
@@ -83,6 +131,7 @@ def evaluate(
     scale: int,
     mesh,
     batch_size: int = 8,
+    domain: str = "physical",
     lpips_weights: str | None = None,
     with_lpips: bool = False,
     progress=None,
@@ -90,33 +139,29 @@ def evaluate(
     """Per-slice scores of a `SliceSet`: `{"bicubic/psnr": [N], ..., "sr/lpips": [N]}`.
 
     Without a brain mask the "brain" scores are over the whole slice. With `with_lpips`, LPIPS
-    is computed on images clipped to [0, 1]; when unavailable the dict holds
-    `"lpips_unavailable": reason` instead.
+    is computed on the images the other metrics see, clipped to [0, 1]; when unavailable the
+    dict holds `"lpips_unavailable": reason` instead.
     """
-    score = _score_fn(model, scale, mesh)
-    predict = _predict_fn(model, scale, mesh) if with_lpips else None
+    score = _score_fn(model, scale, mesh, domain)
+    predict = _predict_fn(model, scale, mesh, domain) if with_lpips else None
     lpips_fn, lpips_reason = _lpips_fn(lpips_weights) if with_lpips else (None, None)
     n = len(slices)
     out: dict[str, list] = {}
     for start, stop, size in _padded_batches(n, batch_size, mesh.size):
-        hr = _pad(np.asarray(slices.hr[start:stop], np.float32)[..., None], size)
-        if slices.mask is not None:
-            mask = _pad(np.asarray(slices.mask[start:stop])[..., None], size)
-        else:
-            mask = np.ones_like(hr, dtype=bool)
-        hr_g = sharding.full_batch_to_global(hr, mesh)
-        mask_g = sharding.full_batch_to_global(mask, mesh)
-        scores = score(params, hr_g, mask_g)
+        batch = _score_batch(slices, start, stop, size, domain)
+        batch_g = {k: sharding.full_batch_to_global(v, mesh) for k, v in batch.items()}
+        scores = score(params, batch_g)
         for k, v in scores.items():
             out.setdefault(k, []).append(np.asarray(v)[: stop - start])
         if with_lpips:
             # Every process runs the prediction, weights or not: it is one collective program,
             # and a process that skipped it would leave the others waiting.
-            lr_up, sr = predict(params, hr_g)
+            lr_up, sr = predict(params, batch_g["hr"])
         if lpips_fn is not None:
-            hr_c = np.clip(hr, 0, 1)
-            for name, img in (("bicubic", lr_up), ("sr", sr)):
-                v = lpips_fn(np.clip(np.asarray(img), 0, 1), hr_c)
+            hr_c = np.clip(batch["hr"], 0, 1)
+            sr = np.asarray(sr) if domain == "physical" else np.asarray(store_8bit(sr))
+            for name, img in (("bicubic", np.asarray(lr_up)), ("sr", sr)):
+                v = lpips_fn(np.clip(img, 0, 1), hr_c)
                 out.setdefault(f"{name}/lpips", []).append(np.asarray(v)[: stop - start])
         if progress is not None:
             progress(stop - start)
@@ -135,21 +180,22 @@ def evaluate_run(params, slices, config, *, model, mesh, with_lpips: bool | None
         scale=config.scale,
         mesh=mesh,
         batch_size=config.eval.batch_size,
+        domain=config.data.domain,
         with_lpips=config.eval.lpips if with_lpips is None else with_lpips,
         lpips_weights=config.eval.lpips_weights or None,
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _score_fn(model, scale, mesh):
-    return make_score_fn(model, scale, mesh)
+def _score_fn(model, scale, mesh, domain):
+    return make_score_fn(model, scale, mesh, domain)
 
 
 @functools.lru_cache(maxsize=16)
-def _predict_fn(model, scale, mesh):
+def _predict_fn(model, scale, mesh, domain="physical"):
     rep = sharding.replicated(mesh)
     return jax.jit(
-        make_predict_fn(model, scale),
+        make_predict_fn(model, scale, domain),
         in_shardings=(rep, sharding.batch_sharded(mesh)),
         out_shardings=rep,
     )
@@ -189,119 +235,22 @@ def summarise(scores: dict, patients: np.ndarray) -> dict:
     return summary
 
 
-def predict_slices(params, hr: np.ndarray, *, model, scale: int, mesh):
-    """(lr_up, sr) as numpy for a few [N, H, W] slices (figures)."""
-    predict = _predict_fn(model, scale, mesh)
+def predict_slices(params, hr: np.ndarray, *, model, scale: int, mesh, domain="physical"):
+    """(lr_up, sr) as numpy for a few [N, H, W] slices (figures), in the units of `hr`: the
+    network runs in `domain` (`data.to_domain`) and its images are mapped back."""
+    predict = _predict_fn(model, scale, mesh, domain)
+    encoded, low, span = data.to_domain(hr, domain)
     size = -(-hr.shape[0] // mesh.size) * mesh.size
-    batch = _pad(np.asarray(hr, np.float32)[..., None], size)
+    batch = _pad(encoded[..., None], size)
     lr_up, sr = predict(params, sharding.full_batch_to_global(batch, mesh))
     n = hr.shape[0]
-    return np.asarray(lr_up)[:n, ..., 0], np.asarray(sr)[:n, ..., 0]
+    return tuple(data.from_domain(np.asarray(img)[:n, ..., 0], low, span) for img in (lr_up, sr))
 
 
 def jnp_finite(tree) -> bool:
     """True when every leaf of a pytree is finite (checked before a checkpoint is written)."""
     leaves = jax.tree_util.tree_leaves(tree)
     return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
-
-
-# --------------------------------------------------------------------------------------------
-# Metric modes: "physical" (`evaluate`) and "paper" (the authors' 8-bit protocol)
-# --------------------------------------------------------------------------------------------
-
-METRIC_MODES = ("physical", "paper")
-
-
-def resize_8bit(images, size: tuple[int, int]):
-    """NHWC 8-bit images (float32 holding 0..255) resized as PIL resizes an 'L' image.
-
-    PIL's bicubic resampler makes two passes, columns (width) first, and stores each pass as
-    uint8 (rounded half up, clipped), so an 8-bit resize is not the float resize rounded once.
-    Each pass here is `jax.image.resize` along one axis, which equals PIL on floats (see
-    `petsr_jax.degrade`), followed by the same rounding. PIL's 22-bit fixed-point coefficients
-    can still move a value that lands within ~1e-4 of a half by one grey level.
-    """
-    n, h, w, c = images.shape
-    out = images
-    if size[1] != w:
-        out = metrics.round_to_8bit(
-            jax.image.resize(out, (n, h, size[1], c), method="bicubic", antialias=True)
-        )
-    if size[0] != h:
-        out = metrics.round_to_8bit(
-            jax.image.resize(out, (n, size[0], size[1], c), method="bicubic", antialias=True)
-        )
-    return out
-
-
-def degrade_8bit(hr8, scale: int):
-    """`degrade` of the paper's code on 8-bit images: PIL bicubic down ×scale, then back up."""
-    from petsr_jax.degrade import low_res_size
-
-    _, h, w, _ = hr8.shape
-    if scale == 1:
-        return hr8
-    low = resize_8bit(hr8, (low_res_size(h, scale), low_res_size(w, scale)))
-    return resize_8bit(low, (h, w))
-
-
-def make_paper_score_fn(model, scale: int, mesh):
-    """A jitted `score(params, hr) -> {"<image>/<metric>": [N]}` in the paper's 8-bit protocol."""
-
-    def score(params, hr):
-        hr8 = metrics.to_8bit(hr)
-        lr_up8 = degrade_8bit(hr8, scale)
-        # The network output is stored as an 8-bit image too, so all three images are compared
-        # on the same 256-level grid.
-        sr8 = metrics.round_to_8bit(model.apply({"params": params}, lr_up8 / 255.0) * 255.0)
-        target = hr8 / 255.0
-        out = {}
-        for name, img in (("bicubic", lr_up8), ("sr", sr8)):
-            out[f"{name}/psnr"] = metrics.psnr(img / 255.0, target)
-            out[f"{name}/ssim"] = metrics.ssim(img / 255.0, target)
-        return out
-
-    rep = sharding.replicated(mesh)
-    return jax.jit(score, in_shardings=(rep, sharding.batch_sharded(mesh)), out_shardings=rep)
-
-
-@functools.lru_cache(maxsize=16)
-def _paper_score_fn(model, scale, mesh):
-    return make_paper_score_fn(model, scale, mesh)
-
-
-def paper_mode_scores(params, slices, *, model, scale: int, mesh, batch_size: int = 8) -> dict:
-    """Per-slice PSNR / SSIM as the authors' code computed them: `{"bicubic/psnr": [N], ...}`.
-
-    Each slice is min–max scaled to 8-bit integers, degraded by PIL-style bicubic resizes of the
-    8-bit image (`degrade_8bit`), super-resolved from `lr_up / 255`, and every image is scored
-    /255 with data range 1, whole slice. Per-slice scaling makes these numbers independent of
-    the volume's intensity scale, unlike the "physical" mode of `evaluate`, which keeps each
-    volume's own normalisation (and so the relative brightness of its slices).
-    """
-    score = _paper_score_fn(model, scale, mesh)
-    out: dict[str, list] = {}
-    for start, stop, size in _padded_batches(len(slices), batch_size, mesh.size):
-        hr = _pad(np.asarray(slices.hr[start:stop], np.float32)[..., None], size)
-        scores = score(params, sharding.full_batch_to_global(hr, mesh))
-        for k, v in scores.items():
-            out.setdefault(k, []).append(np.asarray(v)[: stop - start])
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def score_slices(
-    params, slices, *, mode: str, model, scale: int, mesh, batch_size: int = 8, **kwargs
-) -> dict:
-    """Per-slice scores in a metric mode: "physical" (`evaluate`) or "paper"."""
-    if mode == "physical":
-        return evaluate(
-            params, slices, model=model, scale=scale, mesh=mesh, batch_size=batch_size, **kwargs
-        )
-    if mode == "paper":
-        return paper_mode_scores(
-            params, slices, model=model, scale=scale, mesh=mesh, batch_size=batch_size
-        )
-    raise ValueError(f"metric mode: expected one of {', '.join(METRIC_MODES)}, got {mode!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,29 +333,42 @@ def summarise_regions(rows: list[dict], images: tuple[str, ...] = IMAGES) -> dic
     return summary
 
 
-def _predict_in_batches(params, hr: np.ndarray, *, model, scale, mesh, batch_size):
+def _predict_in_batches(params, hr: np.ndarray, *, model, scale, mesh, batch_size, domain):
     """(lr_up, sr) numpy `[N, H, W]` for normalised slices, `batch_size` slices per call."""
     parts = [
-        predict_slices(params, hr[start : start + batch_size], model=model, scale=scale, mesh=mesh)
+        predict_slices(
+            params,
+            hr[start : start + batch_size],
+            model=model,
+            scale=scale,
+            mesh=mesh,
+            domain=domain,
+        )
         for start in range(0, hr.shape[0], batch_size)
     ]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def regional_recovery(
-    params, root, patient_ids, *, model, scale: int, mesh, batch_size: int = 8
+    params,
+    root,
+    patient_ids,
+    *,
+    model,
+    scale: int,
+    mesh,
+    batch_size: int = 8,
+    domain: str = "physical",
 ) -> dict:
     """Bicubic and SR activity in grey matter and lesions against the original, physical units.
 
     For each patient of `root` (a data root with labels/ and/or lesions/ maps), the volume is
-    degraded by `scale` and super-resolved as in evaluation (normalised by its maximum, scaled
-    back afterwards), on the slices that hold a region. Returns `{"rows": [...]}` (one row per
-    patient and region, see `region_rows`), `"summary"` (see `summarise_regions`), `"units"`
-    and `"skipped"` (patients without any region map).
+    degraded by `scale` and super-resolved as in evaluation (normalised by its maximum, taken
+    into the run's `domain` and back), on the slices that hold a region. Returns `"rows"` (one
+    row per patient and region, see `region_rows`), `"summary"` (see `summarise_regions`),
+    `"units"` and `"skipped"` (patients without any region map).
     """
     from pathlib import Path
-
-    from petsr_jax import data
 
     root = Path(root)
     paths = data.list_patients(root)
@@ -427,7 +389,13 @@ def regional_recovery(
         # Normalised by the whole volume's maximum, as in training, whichever slices are kept.
         hr, factor = data.normalise(scan.volume.data)
         lr_up, sr = _predict_in_batches(
-            params, hr[keep], model=model, scale=scale, mesh=mesh, batch_size=batch_size
+            params,
+            hr[keep],
+            model=model,
+            scale=scale,
+            mesh=mesh,
+            batch_size=batch_size,
+            domain=domain,
         )
         rows += region_rows(
             scan.volume.data[keep],

@@ -15,9 +15,11 @@ are two ways to use one on a scan:
   a known original the model gets back.
 
 Inputs and outputs are in physical units. Each call normalises its input the way training did
-(`data.normalise`: divided by the volume's maximum), runs the network on batches of slices
+(`data.normalise`: divided by the volume's maximum; for a model of the paper's domain then each
+slice min–max to 8-bit levels, `data.to_domain`), runs the network on batches of slices
 through one jitted function (compiled once per slice shape, any H × W, nothing padded in plane),
-and multiplies the result back (`data.denormalise`), so outputs come back in the input's units.
+and maps the result back (`data.from_domain`, `data.denormalise`), so outputs come back in the
+input's units.
 
 The module also holds what `launch/enhance.py` decides before any work starts: which patients an
 input holds, where each one's output goes, and which outputs it must refuse to write.
@@ -73,12 +75,13 @@ class Reconstruction(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def load(workdir, *, which: str = "best", batch_size: int | None = None) -> SuperResolver:
+def load(workdir, *, which: str | None = None, batch_size: int | None = None) -> SuperResolver:
     """The trained model of a workdir, ready to apply to slices, volumes and scans.
 
     Reads `config.json` (written when the run started) and restores the params with Orbax:
     `which="best"` takes the best validation checkpoint and falls back to the latest full state,
-    `"last"` takes the latest state. No absl flags are needed. `batch_size` (slices per device
+    `"last"` takes the latest state; the default is the params the run scored (`eval.weights`:
+    "best", or "final" → "last"). No absl flags are needed. `batch_size` (slices per device
     call) defaults to the run's `eval.batch_size`.
 
     Raises:
@@ -87,6 +90,8 @@ def load(workdir, *, which: str = "best", batch_size: int | None = None) -> Supe
     """
     workdir = Path(workdir)
     config = read_config(workdir)
+    if which is None:
+        which = "last" if config.eval.get("weights", "best") == "final" else "best"
     model = create_model(config)
     like = _abstract_params(model, int(config.model.get("in_channels", 1)))
     try:
@@ -242,11 +247,14 @@ class SuperResolver:
         self.batch_size = int(batch_size or config.eval.batch_size)
         if self.batch_size < 1:
             raise InferenceError(f"batch_size must be ≥ 1, got {self.batch_size}")
-        model, scale = self.model, self.scale
+        # "physical": each volume / its maximum; "paper": each slice min–max to 8-bit levels
+        # (data.to_domain), as the model was trained.
+        self.domain = str(config.data.get("domain", "physical"))
+        model, scale, domain = self.model, self.scale, self.domain
         self._enhance = jax.jit(lambda p, lr_up: model.apply({"params": p}, lr_up))
 
         def reconstruct(p, hr):
-            lr_up = degrade(hr, scale)
+            lr_up = degrade(hr, scale, domain)
             return lr_up, model.apply({"params": p}, lr_up)
 
         self._reconstruct = jax.jit(reconstruct)
@@ -282,8 +290,9 @@ class SuperResolver:
 
         Per-volume normalisation removes a global unit factor, but the model learned the
         intensity distribution of its training data, so a scan in other units (e.g. SUV for a
-        Bq/mL-trained model) is refused rather than silently enhanced. A different slice size
-        only warns: the networks are fully convolutional.
+        Bq/mL-trained model) is refused rather than silently enhanced. A model of the paper's
+        domain scales every slice to its own 8-bit range, so units cannot matter to it. A
+        different slice size only warns: the networks are fully convolutional.
 
         Raises:
           IncompatibleInput: channels or units do not fit; the message names the input.
@@ -292,7 +301,9 @@ class SuperResolver:
         self._check_channels()
         problems = []
         trained = self.trained_units
-        if self.data_info is None:
+        if self.domain == "paper":
+            pass  # per-slice min–max: any linear unit gives the same network input
+        elif self.data_info is None:
             problems.append(
                 f"{name}: the workdir has no data_info.json, so the training data's units are "
                 f"unknown; accepting {volume.units} input unchecked"
@@ -326,22 +337,24 @@ class SuperResolver:
     # -- the two modes ----------------------------------------------------------------------
 
     def enhance_normalised(self, slices, *, batch_size=None, progress=None) -> np.ndarray:
-        """The network applied to `[N, H, W]` slices already in its normalised range."""
+        """The network applied to `[N, H, W]` slices of volumes divided by their maximum (as
+        `data.normalise` and evaluation hold them); the result in the same range."""
         self._check_channels()
-        slices = np.asarray(slices, np.float32)
+        encoded, low, span = data.to_domain(slices, self.domain)
         (out,) = _run_in_batches(
-            self._enhance, self.params, slices, batch_size or self.batch_size, progress
+            self._enhance, self.params, encoded, batch_size or self.batch_size, progress
         )
-        return out
+        return data.from_domain(out, low, span)
 
     def reconstruct_normalised(self, slices, *, batch_size=None, progress=None):
-        """(bicubic, sr) for `[N, H, W]` normalised slices: `degrade(·, scale)`, then the net."""
+        """(bicubic, sr) for `[N, H, W]` normalised slices: `degrade(·, scale)`, then the net,
+        in the model's domain and mapped back to the range of `slices`."""
         self._check_channels()
-        slices = np.asarray(slices, np.float32)
+        encoded, low, span = data.to_domain(slices, self.domain)
         bicubic, sr = _run_in_batches(
-            self._reconstruct, self.params, slices, batch_size or self.batch_size, progress
+            self._reconstruct, self.params, encoded, batch_size or self.batch_size, progress
         )
-        return bicubic, sr
+        return data.from_domain(bicubic, low, span), data.from_domain(sr, low, span)
 
     def __call__(self, x, *, batch_size: int | None = None, progress=None):
         """Enhance `x` (slice, stack or Volume) at its own resolution; same kind and units.

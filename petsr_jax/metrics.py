@@ -13,9 +13,8 @@ in `tests/test_metrics.py`).
 Masked variants restrict the average to a region (the brain): PSNR over the masked pixels, SSIM
 as the mean of the SSIM map over the masked pixels the 11×11 window fits around.
 
-`to_8bit` and `round_to_8bit` make the 8-bit images of the paper's own evaluation (each slice
-min–max scaled to 0..255, every resampling pass rounded as PIL does for 'L' images); the
-"paper" metric mode of `petsr_jax.evaluate` scores those images /255 with the same PSNR and SSIM.
+The paper's 8-bit images are made by `petsr_jax.data.to_domain` and `petsr_jax.degrade`; the
+"paper" domain of `petsr_jax.evaluate` scores them /255 with `psnr` and `ssim(window="uniform")`.
 """
 
 from __future__ import annotations
@@ -107,30 +106,3 @@ def lpips(x, y, weights_dir: str | None = None):
     from petsr_jax import lpips as lpips_module
 
     return lpips_module.lpips(x, y, weights_dir=weights_dir)
-
-
-# --------------------------------------------------------------------------------------------
-# The paper's 8-bit images ("paper" metric mode, see `petsr_jax.evaluate.paper_mode_scores`)
-# --------------------------------------------------------------------------------------------
-
-
-def round_to_8bit(x):
-    """Round half up and clip to 0..255, as PIL stores every resampling pass of an 'L' image.
-
-    PIL accumulates in fixed point starting from one half and shifts down (`floor(x + 0.5)`),
-    then clips to the uint8 range; values stay float32 so they can go on through JAX.
-    """
-    return jnp.clip(jnp.floor(x + 0.5), 0.0, 255.0)
-
-
-def to_8bit(images):
-    """Each NHWC image min–max scaled to the integers 0..255 (as float32), as the authors did.
-
-    The scaling is per image (per slice), so it undoes any per-volume normalisation; a constant
-    image becomes all zeros.
-    """
-    images = images.astype(jnp.float32)
-    low = jnp.min(images, axis=(1, 2, 3), keepdims=True)
-    span = jnp.max(images, axis=(1, 2, 3), keepdims=True) - low
-    scaled = jnp.where(span > 0, (images - low) / jnp.where(span > 0, span, 1.0), 0.0)
-    return round_to_8bit(scaled * 255.0)

@@ -64,9 +64,31 @@ METRICS = (
 )
 
 
+# A run of the paper's domain is scored first as the authors scored (8-bit slices, scikit-image's
+# default SSIM), then mapped back per slice and scored per volume as "physical" runs are.
+PAPER_METRICS = (
+    ("psnr", "PSNR (dB)", 2),
+    ("ssim", "SSIM", 3),
+    ("lpips", "LPIPS", 3),
+    ("psnr_physical", "PSNR per volume", 2),
+    ("ssim_physical", "SSIM per volume", 3),
+    ("psnr_brain", "PSNR brain", 2),
+    ("ssim_brain", "SSIM brain", 3),
+)
+
+DOMAIN_NOTES = {
+    "physical": 'images normalised per volume to [0, 1]; "brain" = inside the brain mask.',
+    "paper": "PSNR, SSIM (scikit-image's default 7×7 window) and LPIPS on each slice min–max "
+    'scaled to 8 bits, as the paper; "per volume" and "brain" (inside the brain mask): the '
+    "same outputs mapped back and normalised per volume, Gaussian-window SSIM.",
+}
+
+
 def results_markdown(results: dict) -> str:
     """The results of a run as a markdown table a person reads (mean ± std over test slices)."""
     test = results["test"]
+    domain = results.get("domain", "physical")
+    columns = PAPER_METRICS if domain == "paper" else METRICS
     name = {"srcnn": "multi-scale SRCNN", "deepsr": "DeepSR"}.get(
         results["model"], results["model"]
     )
@@ -74,17 +96,17 @@ def results_markdown(results: dict) -> str:
         f"# {name}, {results['scale']}× — test split",
         "",
         f"{test['num_slices']} slices of {test['num_patients']} patients; mean ± std over slices; "
-        'images normalised per volume to [0, 1]; "brain" = inside the brain mask.',
+        + DOMAIN_NOTES[domain],
         "",
-        "| image | " + " | ".join(label for _, label, _ in METRICS) + " |",
-        "|---|" + "---|" * len(METRICS),
+        "| image | " + " | ".join(label for _, label, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for key, label in (
         ("bicubic", f"Input LR ({results['scale']}× + bicubic)"),
         ("sr", f"Output SR ({name})"),
     ):
         lines.append(
-            f"| {label} | " + " | ".join(_fmt(test[key], m, d) for m, _, d in METRICS) + " |"
+            f"| {label} | " + " | ".join(_fmt(test[key], m, d) for m, _, d in columns) + " |"
         )
     if "lpips_unavailable" in test:
         lines += ["", f"LPIPS unavailable: {test['lpips_unavailable']}"]
@@ -102,8 +124,13 @@ def results_markdown(results: dict) -> str:
         )
     lines += [
         "",
-        f"Trained {results['step']} steps (best validation step {results['best_step']}), "
-        f"{results['num_params']:,} parameters.",
+        f"Trained {results['step']} steps, scored with the "
+        + (
+            f"final weights (step {results['step']})"
+            if results.get("weights") == "final"
+            else f"best validation weights (step {results['best_step']})"
+        )
+        + f", {results['num_params']:,} parameters.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -164,7 +191,9 @@ def write_run_outputs(
     """results.json, results.md, per-slice scores and the test-slice figure of a finished run."""
     picks = figure_slices(test_set, config.eval.num_figure_slices)
     hr = np.asarray(test_set.hr[picks], np.float32)
-    lr_up, sr = evaluate.predict_slices(params, hr, model=model, scale=config.scale, mesh=mesh)
+    lr_up, sr = evaluate.predict_slices(
+        params, hr, model=model, scale=config.scale, mesh=mesh, domain=config.data.domain
+    )
     labels = [f"{test_set.patient[i]} z={test_set.slice_index[i]}" for i in picks]
     comparison_figure(workdir / "test_slices.png", hr, lr_up, sr, row_labels=labels)
     per_slice = {

@@ -67,18 +67,22 @@ def init_state(config, model, tx) -> TrainState:
     )
 
 
-def mse_loss(params, model, hr, scale: int):
-    """MSE between the network's output for the bicubic-degraded `hr` and `hr` itself."""
-    lr_up = degrade(hr, scale)
+def mse_loss(params, model, hr, scale: int, domain: str = "physical"):
+    """MSE between the network's output for the bicubic-degraded `hr` and `hr` itself.
+
+    `hr` is already in the run's domain (`data.to_domain`); `degrade` makes the input there.
+    """
+    lr_up = degrade(hr, scale, domain)
     sr = model.apply({"params": params}, lr_up)
     return jnp.mean(jnp.square(sr - hr))
 
 
-def make_train_step(model, tx, scale: int):
-    """The pure train step for a model, optimizer and scale (jit it with `jit_train_step`)."""
+def make_train_step(model, tx, scale: int, domain: str = "physical"):
+    """The pure train step for a model, optimizer, scale and data domain (jit it with
+    `jit_train_step`)."""
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(mse_loss)(state.params, model, batch["hr"], scale)
+        loss, grads = jax.value_and_grad(mse_loss)(state.params, model, batch["hr"], scale, domain)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
@@ -245,7 +249,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
     # is evaluated again from its final checkpoint (no training) and its outputs rewritten.
     if all((workdir / name).exists() for name in RUN_OUTPUTS):
         done = json.loads(results_path.read_text())
-        if done.get("step") == total_steps:
+        if done.get("step") == total_steps and done.get("weights", "best") == config.eval.weights:
             log.info("%s is finished (step %d); not training again", workdir, total_steps)
             return done
 
@@ -280,6 +284,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         seed=config.seed,
         crop_size=config.data.crop_size,
         flip=config.data.flip,
+        domain=config.data.domain,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -291,7 +296,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         train_iter.set_state(iter_state)
         log.info("resumed from step %d of %s", start_step, workdir)
 
-    step_fn = jit_train_step(make_train_step(model, tx, config.scale), mesh)
+    step_fn = jit_train_step(make_train_step(model, tx, config.scale, config.data.domain), mesh)
     writer = _MetricWriter(workdir)
     n_params = count_params(state.params)
     bar = None
@@ -374,8 +379,11 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         writer.close()
         ckpts.wait()
 
-    params = ckpts.restore_best(state.params)
-    best_step = ckpts.best_step()
+    # The params scored and loaded by default: the best validation PSNR's, or the last step's
+    # (`eval.weights="final"`, the authors' choice).
+    params, best_step = None, total_steps
+    if config.eval.weights == "best":
+        params, best_step = ckpts.restore_best(state.params), ckpts.best_step()
     if params is None:
         params, best_step = state.params, total_steps
     ckpts.close()
@@ -389,6 +397,8 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         "scale": config.scale,
         "step": total_steps,
         "best_step": int(best_step),
+        "weights": config.eval.weights,
+        "domain": config.data.domain,
         "num_params": n_params,
         "train_time_s": round(time_before + time.perf_counter() - loop_start, 1),
         "test": evaluate.summarise(scores, test_set.patient),

@@ -125,3 +125,27 @@ def test_processes_together_read_exactly_the_single_process_batch():
     for t in range(3):
         union = sorted(parts[0][t][:, 0, 0, 0].tolist() + parts[1][t][:, 0, 0, 0].tolist())
         assert union == sorted(single[t][:, 0, 0, 0].tolist())
+
+
+def test_paper_domain_batches_are_8bit_levels_of_the_whole_slice():
+    rng = np.random.default_rng(0)
+    slices = rng.uniform(0.0, 1.0, (6, 16, 16)).astype(np.float32) * np.arange(1, 7)[:, None, None]
+    ds = data.train_dataset(
+        data.SliceSource(array=slices),
+        batch_size=6,
+        seed=0,
+        crop_size=8,
+        flip=False,
+        domain="paper",
+    )
+    crops = ds[0]["hr"][..., 0]
+    levels = crops * 255.0
+    np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)  # 8-bit levels / 255
+    whole = data.to_domain(slices, "paper")[0]
+    for crop in crops:  # each crop is a window of its slice's whole-slice scaling
+        assert any(
+            np.array_equal(crop, s[y : y + 8, x : x + 8])
+            for s in whole
+            for y in range(9)
+            for x in range(9)
+        )

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from petsr_jax import data, evaluate, metrics, sharding
+from petsr_jax import data, evaluate, sharding
 from petsr_jax.degrade import degrade
 from petsr_jax.models import DeepSR
 
@@ -46,74 +46,79 @@ def _minmax_uint8(image: np.ndarray) -> np.ndarray:
     return np.floor(scaled + 0.5).astype(np.uint8)
 
 
+def _authors_uint8(image: np.ndarray) -> np.ndarray:
+    """The authors' preprocessing, `(x − min) · 256 / (max − min)` as uint8, without the
+    overflow of the brightest pixel (256 → 0 in their code, 255 here)."""
+    scaled = (image - image.min()) * (256.0 / (image.max() - image.min()))
+    return np.minimum(scaled, 255).astype(np.uint8)
+
+
 @pytest.mark.parametrize("shape, scale", [((64, 64), 8), ((100, 90), 12), ((37, 53), 4)])
-def test_8bit_degrade_matches_pil_on_l_images(shape, scale):
+def test_paper_domain_degrade_matches_pil_on_l_images(shape, scale):
     image = _smooth_image(shape, seed=scale)
     hr8 = _minmax_uint8(image)
-    batch = jnp.asarray(hr8, jnp.float32)[None, ..., None]
-    got = np.asarray(jax.jit(evaluate.degrade_8bit, static_argnums=1)(batch, scale))[0, ..., 0]
+    batch = jnp.asarray(hr8 / 255.0, jnp.float32)[None, ..., None]
+    paper = jax.jit(degrade, static_argnums=(1, 2))(batch, scale, "paper")
+    got = np.round(np.asarray(paper)[0, ..., 0] * 255.0)
     expected = _pil_degrade(hr8, scale)
     diff = np.abs(got - expected.astype(np.float32))
     # PIL's fixed-point coefficients may move a value sitting on a half by one level.
     assert diff.max() <= 1 and np.mean(diff == 0) >= 0.999
     # Rounding only once, after a float degrade, is not what PIL does (≈ 1/4 of pixels differ).
-    once = jax.jit(lambda x: metrics.round_to_8bit(degrade(x, scale)))(batch)
-    assert np.mean(np.asarray(once)[0, ..., 0] != expected) > 0.05
+    once = np.floor(np.asarray(degrade(batch * 255.0, scale))[0, ..., 0] + 0.5)
+    assert np.mean(once != expected) > 0.05
 
 
-def test_to_8bit_is_per_slice_minmax_to_integers():
+def test_paper_domain_is_the_authors_per_slice_8bit_scaling():
     stack = np.stack([_smooth_image((24, 24), s) for s in range(3)])
     stack[1] *= 40.0  # a brighter slice: per-slice scaling removes it
     stack[2] = 7.0  # a constant slice
-    got = np.asarray(metrics.to_8bit(jnp.asarray(stack)[..., None]))[..., 0]
-    np.testing.assert_array_equal(got[:2], [_minmax_uint8(stack[0]), _minmax_uint8(stack[1])])
-    np.testing.assert_array_equal(got[2], 0)
+    encoded, low, span = data.to_domain(stack, "paper")
+    for i in range(2):
+        np.testing.assert_array_equal(encoded[i] * 255.0, _authors_uint8(stack[i]))
+    np.testing.assert_array_equal(encoded[2], 0)
+    # Mapped back within one 8-bit level of each slice's own range.
+    back = data.from_domain(encoded, low, span)
+    for i in range(3):
+        assert np.abs(back[i] - stack[i]).max() <= max(float(np.ptp(stack[i])), 1e-6) / 255
+    physical, low, span = data.to_domain(stack, "physical")
+    np.testing.assert_array_equal(physical, stack)
+    np.testing.assert_array_equal(data.from_domain(physical, low, span), stack)
 
 
-def test_paper_mode_scores_match_pil_and_scikit_image(net, nifti_root):
+def test_paper_domain_scores_match_pil_and_scikit_image(net, nifti_root):
     model, params = net
     slices = data.build_slice_set(nifti_root, ["pat-00", "pat-01"], eval_split=True)
     mesh = sharding.make_mesh()
-    scores = evaluate.paper_mode_scores(
-        params, slices, model=model, scale=8, mesh=mesh, batch_size=3
+    scores = evaluate.evaluate(
+        params, slices, model=model, scale=8, mesh=mesh, batch_size=3, domain="paper"
     )
-    assert set(scores) == {"bicubic/psnr", "bicubic/ssim", "sr/psnr", "sr/ssim"}
-    ssim_args = dict(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)
     for i in range(len(slices)):
-        hr8 = _minmax_uint8(np.asarray(slices.hr[i]))
+        hr8 = _authors_uint8(np.asarray(slices.hr[i]))
         lr8 = _pil_degrade(hr8, 8)
         out = model.apply(
             {"params": params}, jnp.asarray(lr8 / 255.0, jnp.float32)[None, ..., None]
         )
-        sr8 = np.clip(np.floor(np.asarray(out)[0, ..., 0] * 255.0 + 0.5), 0, 255)
+        # The authors stored outputs as uint8 PNGs: ×255, clipped, truncated.
+        sr8 = np.clip(np.asarray(out)[0, ..., 0] * 255.0, 0, 255).astype(np.uint8)
         target = hr8 / 255.0
         for name, image in (("bicubic", lr8 / 255.0), ("sr", sr8 / 255.0)):
             np.testing.assert_allclose(
                 scores[f"{name}/psnr"][i],
                 peak_signal_noise_ratio(target, image, data_range=1),
-                rtol=1e-4,
+                rtol=2e-3,  # one grey level of PIL rounding on a pixel or two
             )
             np.testing.assert_allclose(
                 scores[f"{name}/ssim"][i],
-                structural_similarity(target, image, **ssim_args),
-                atol=1e-4,
+                structural_similarity(target, image, data_range=1),
+                atol=2e-3,
             )
-
-
-def test_score_slices_dispatches_on_the_mode(net, nifti_root):
-    model, params = net
-    slices = data.build_slice_set(nifti_root, ["pat-02"], eval_split=True)
-    mesh = sharding.make_mesh()
-    physical = evaluate.score_slices(
-        params, slices, mode="physical", model=model, scale=8, mesh=mesh
-    )
-    direct = evaluate.evaluate(params, slices, model=model, scale=8, mesh=mesh)
-    np.testing.assert_array_equal(physical["sr/psnr"], direct["sr/psnr"])
-    assert "sr/psnr_brain" in physical
-    paper = evaluate.score_slices(params, slices, mode="paper", model=model, scale=8, mesh=mesh)
-    assert not np.allclose(paper["bicubic/psnr"], physical["bicubic/psnr"])
-    with pytest.raises(ValueError, match="physical, paper"):
-        evaluate.score_slices(params, slices, mode="pixels", model=model, scale=8, mesh=mesh)
+    # The same outputs, mapped back per slice, are scored per volume and in the brain too.
+    assert {"sr/psnr_physical", "sr/ssim_physical", "sr/psnr_brain"} <= set(scores)
+    physical = evaluate.evaluate(params, slices, model=model, scale=8, mesh=mesh)
+    assert not np.allclose(scores["bicubic/psnr"], physical["bicubic/psnr"])
+    # Bicubic in per-volume units after the 8-bit round trip: close to, not equal to, physical.
+    np.testing.assert_allclose(scores["bicubic/psnr_physical"], physical["bicubic/psnr"], atol=1.5)
 
 
 # ------------------------------------------------------------------------- regional recovery

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from petsr_jax import checkpoint, sharding, train
+from petsr_jax import checkpoint, data, sharding, train
 from petsr_jax.config import build_config
 from petsr_jax.degrade import degrade
 from petsr_jax.models import SRCNN, DeepSR
@@ -221,3 +221,26 @@ def test_kill_9_during_training_resumes_to_the_same_parameters(finished_run, tmp
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_paper_domain_run_trains_scores_and_loads_in_its_domain(nifti_root, tmp_path):
+    import petsr_jax
+
+    config = build_config("deepsr", f"tiny,paper,data.root={nifti_root},train.batch_size=4")
+    assert (config.data.domain, config.data.flip, config.eval.weights) == ("paper", False, "final")
+    results = train.train_and_evaluate(config, tmp_path, progress=False)
+    assert (results["domain"], results["weights"], results["best_step"]) == (
+        "paper",
+        "final",
+        results["step"],
+    )
+    test = results["test"]
+    assert {"psnr", "ssim", "psnr_physical", "ssim_physical", "psnr_brain"} <= set(test["sr"])
+    assert "scikit-image's default" in (tmp_path / "results.md").read_text()
+    sr = petsr_jax.load(tmp_path)
+    assert sr.domain == "paper"
+    # Every slice is scaled to its own 8-bit range: a linear change of units cannot matter.
+    volume = np.asarray(
+        data.build_slice_set(nifti_root, ["pat-00"], eval_split=False).hr, np.float32
+    )
+    np.testing.assert_allclose(sr(volume * 1000.0), 1000.0 * sr(volume), rtol=1e-4, atol=1e-2)
