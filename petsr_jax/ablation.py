@@ -215,7 +215,8 @@ def _abstract_params(model, config, mesh):
 
 
 def val_results(config, workdir: Path, results: dict) -> dict:
-    """Validation summary of a finished run's best params (cached in `val_results.json`)."""
+    """Validation summary of the params a finished run scored (`eval.weights`: best or final;
+    cached in `val_results.json`)."""
     path = Path(workdir) / VAL_RESULTS_FILE
     key = {"best_step": results["best_step"], "step": results["step"], "lpips": config.eval.lpips}
     if path.exists():
@@ -224,7 +225,8 @@ def val_results(config, workdir: Path, results: dict) -> dict:
             return cached["val"]
     mesh = sharding.make_mesh()
     model = create_model(config)
-    params = checkpoint.restore_params(workdir, _abstract_params(model, config, mesh), "best")
+    which = "last" if config.eval.weights == "final" else "best"
+    params = checkpoint.restore_params(workdir, _abstract_params(model, config, mesh), which)
     root = data.resolve_root(config)
     split = checkpoint.read_json(Path(workdir) / "split.json")
     val_set = data.build_slice_set(
