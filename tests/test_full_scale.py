@@ -35,11 +35,16 @@ FULL_NETWORK_BRIEFLY = ",".join(
 
 @pytest.fixture(scope="module")
 def full_network_results(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
     results = {}
-    for init in ("torch", "flax"):
-        config = build_config("deepsr", f"{FULL_NETWORK_BRIEFLY},model.init={init}")
-        workdir = tmp_path_factory.mktemp(f"full_deepsr_{init}")
-        results[init] = train.train_and_evaluate(config, workdir, progress=False)["test"]
+    with pytest.MonkeyPatch.context() as mp:
+        # Module fixtures run before the per-test cache isolation of conftest.
+        mp.setenv("PETSR_CACHE_DIR", str(base / "slice_cache"))
+        mp.setenv("PETSR_DATA_DIR", str(base / "cohorts"))
+        for init in ("torch", "flax"):
+            config = build_config("deepsr", f"{FULL_NETWORK_BRIEFLY},model.init={init}")
+            workdir = tmp_path_factory.mktemp(f"full_deepsr_{init}")
+            results[init] = train.train_and_evaluate(config, workdir, progress=False)["test"]
     return results
 
 
