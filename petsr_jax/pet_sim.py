@@ -194,26 +194,28 @@ def osem(
     """
     size, pixel_mm = geometry.size, geometry.pixel_mm
     n_slices = counts.shape[1]
-    subsets = subset_matrices(geometry, n_subsets)
     blur = functools.partial(
         blur_radial, n_bins=geometry.n_bins, fwhm_mm=psf_fwhm_mm, pixel_mm=pixel_mm
     )
     inside = fov_mask(size).reshape(-1, 1)
-    sensitivities = [a_t @ blur(multiplicative[rows]) for rows, _, a_t in subsets]
+    # Per subset, once: its rows of the data and factors, and the sensitivity with the pixels
+    # that are never updated (outside the field of view, or unseen) set to infinity, so that
+    # dividing by it gives exactly the zero those pixels keep.
+    subsets = []
+    for rows, a, a_t in subset_matrices(geometry, n_subsets):
+        factors = multiplicative[rows]
+        sensitivity = a_t @ blur(factors)
+        sensitivity[~((sensitivity > 1e-12) & inside)] = np.inf
+        subsets.append((a, a_t, factors, additive[rows], counts[rows], sensitivity))
     image = np.where(inside, 1.0, 0.0).astype(np.float32) * np.ones((1, n_slices), np.float32)
     # Start at the mean activity the data imply, so the first updates are not spent on scale.
     total = counts.sum(0) - additive.sum(0)
     expected_per_unit = multiplicative.T @ (system_matrix(geometry) @ image[:, :1]).ravel()
     image *= np.maximum(total, 1.0) / np.maximum(expected_per_unit, 1e-12)
     for _ in range(n_iterations):
-        for (rows, a, a_t), sensitivity in zip(subsets, sensitivities, strict=True):
-            expected = multiplicative[rows] * blur(a @ image) + additive[rows]
-            ratio = np.divide(
-                counts[rows], expected, out=np.zeros_like(expected), where=expected > 0
-            )
-            update = a_t @ blur(multiplicative[rows] * ratio)
-            image *= np.divide(
-                update, sensitivity, out=np.zeros_like(update), where=sensitivity > 1e-12
-            )
-            image *= inside
+        for a, a_t, factors, additive_s, counts_s, sensitivity in subsets:
+            expected = factors * blur(a @ image) + additive_s
+            ratio = np.divide(counts_s, expected, out=np.zeros_like(expected), where=expected > 0)
+            update = a_t @ blur(factors * ratio)
+            image *= np.divide(update, sensitivity, out=update)
     return from_columns(image, size)

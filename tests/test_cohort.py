@@ -337,3 +337,62 @@ def test_montage_is_written(tiny_root, tmp_path):
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 300
     assert [p.name for p in tmp_path.iterdir()] == ["montage.png"]
+
+
+# ------------------------------------------------------------------------------------------
+# The bicubic difficulty measurement (launch/cohort_difficulty.py)
+# ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def difficulty():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "launch" / "cohort_difficulty.py"
+    spec = importlib.util.spec_from_file_location("cohort_difficulty", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_difficulty_psnr_is_the_hand_computed_one():
+    rng = np.random.default_rng(0)
+    image = ndi.gaussian_filter(rng.random((96, 96)), 3) * 700.0 + 50.0
+    hr8 = difficulty().to_uint8(image)
+    assert hr8.dtype == np.uint8 and hr8.min() == 0 and hr8.max() == 255
+    np.testing.assert_array_equal(
+        hr8, np.round((image - image.min()) / (image.max() - image.min()) * 255)
+    )
+    low = Image.fromarray(hr8).resize((12, 12), Image.BICUBIC)
+    up = np.asarray(low.resize((96, 96), Image.BICUBIC), np.float64)
+    mse = np.mean((hr8 / 255.0 - up / 255.0) ** 2)
+    psnr, ssim = difficulty().bicubic_scores(hr8, 8)
+    assert psnr == pytest.approx(10 * np.log10(1.0 / mse), abs=1e-9)
+    assert 0.0 < ssim < 1.0
+    psnr16, ssim16 = difficulty().bicubic_scores(hr8, 16)
+    assert psnr16 < psnr and ssim16 < ssim
+    assert difficulty().to_uint8(np.ones((8, 8))) is None  # a constant slice is skipped
+
+
+def test_difficulty_takes_the_largest_brain_slices():
+    mask = np.zeros((60, 8, 8), bool)
+    areas = np.random.default_rng(1).permutation(60)
+    for k, area in enumerate(areas):
+        mask[k].flat[:area] = True
+    chosen = difficulty().brain_slices(np.zeros(mask.shape), mask)
+    np.testing.assert_array_equal(chosen, np.sort(np.argsort(-areas)[:49]))
+    np.testing.assert_array_equal(difficulty().brain_slices(np.zeros((12, 8, 8)), None), range(12))
+
+
+def test_difficulty_of_a_root_reads_the_stored_cohort(tiny_root):
+    scores, n = difficulty().measure_root(tiny_root, scales=(4, 8), log=lambda _: None)
+    assert n == TINY.n_patients
+    direct = [difficulty().volume_scores(patient(TINY, i)["pet"], patient(TINY, i)["mask"], (4, 8))
+              for i in range(TINY.n_patients)]  # fmt: skip
+    for s in (4, 8):
+        expected = np.concatenate([d[s] for d in direct])
+        assert scores[s].shape == expected.shape
+        # The stored series is 16-bit: the same slices, to within its quantisation.
+        np.testing.assert_allclose(scores[s].mean(0), expected.mean(0), atol=0.05)
+    assert "| 8× |" in difficulty().table(scores)
