@@ -9,7 +9,7 @@ Everything here works from a notebook without flags:
 """
 
 from petsr_jax import io
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 from petsr_jax.volume import Volume
 
 __all__ = ["Volume", "degrade", "io", "load"]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from petsr_jax import data, metrics, sharding
-from petsr_jax.degrade import degrade, store_8bit
+from petsr_jax.data.degrade import degrade, store_8bit
 
 log = logging.getLogger(__name__)
 

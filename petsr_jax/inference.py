@@ -41,7 +41,7 @@ import numpy as np
 
 from petsr_jax import checkpoint, data
 from petsr_jax.config import base_config
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
 

@@ -13,7 +13,7 @@ in `tests/test_metrics.py`).
 Masked variants restrict the average to a region (the brain): PSNR over the masked pixels, SSIM
 as the mean of the SSIM map over the masked pixels the 11×11 window fits around.
 
-The paper's 8-bit images are made by `petsr_jax.data.to_domain` and `petsr_jax.degrade`; the
+The paper's 8-bit images are made by `petsr_jax.data.to_domain` and `petsr_jax.data.degrade`; the
 "paper" domain of `petsr_jax.evaluate` scores them /255 with `psnr` and `ssim(window="uniform")`.
 """
 

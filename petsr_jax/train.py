@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from petsr_jax import checkpoint, data, evaluate, report, sharding
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 from petsr_jax.models import count_params, create_model
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petsr_jax.degrade import degrade, downscale, low_res_size
+from petsr_jax.data.degrade import degrade, downscale, low_res_size
 
 
 def _pil_resize(img: np.ndarray, size_hw) -> np.ndarray:

@@ -15,7 +15,7 @@ import pytest
 from skimage.metrics import peak_signal_noise_ratio
 
 from petsr_jax import io
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 
 REPO = Path(__file__).resolve().parents[1]
 

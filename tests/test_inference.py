@@ -14,7 +14,7 @@ import pytest
 
 import petsr_jax
 from petsr_jax import checkpoint, inference, io, train
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 from petsr_jax.volume import Volume
 
 

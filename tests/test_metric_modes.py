@@ -12,7 +12,7 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from petsr_jax import data, evaluate, sharding
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 from petsr_jax.models import DeepSR
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from petsr_jax import checkpoint, data, sharding, train
 from petsr_jax.config import build_config
-from petsr_jax.degrade import degrade
+from petsr_jax.data.degrade import degrade
 from petsr_jax.models import SRCNN, DeepSR
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,183 @@
+"""A data root's patients: discovery, patient-level splits, and reading one patient's scans.
+
+A data root holds one patient per entry (see README "Your own data"):
+
+    <root>/<patient_id>/               a PET DICOM series (any nesting, any file names)
+    <root>/<patient_id>.nii[.gz]       ... or a NIfTI PET volume
+    <root>/masks/<patient_id>.nii.gz   optional brain mask on the PET grid
+    <root>/t1/<patient_id>.nii.gz      optional co-registered T1 MR
+    <root>/labels/<patient_id>.nii.gz  optional tissue labels (1 grey matter, 2 white matter)
+    <root>/lesions/<patient_id>.nii.gz optional lesion labels 1..K
+    <root>/split.json                  optional {"train": [...], "val": [...], "test": [...]}
+
+Patients, never slices, are split into train / val / test, so no patient's anatomy is seen in
+training and scored in test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from petsr_jax import io
+
+AUX_FOLDERS = ("masks", "t1", "labels", "lesions")
+
+
+class DataError(ValueError):
+    """A data root or split that cannot be used; the message names the file and the problem."""
+
+
+def _nifti_stem(name: str) -> str | None:
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def list_patients(root: str | os.PathLike) -> dict[str, Path]:
+    """Patient id → PET path (DICOM folder or NIfTI file) for every patient in `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder")
+    patients = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or entry.name in AUX_FOLDERS:
+            continue
+        if entry.is_dir():
+            patients[entry.name] = entry
+        elif (stem := _nifti_stem(entry.name)) is not None:
+            patients[stem] = entry
+    if not patients:
+        raise DataError(
+            f"data root {root} holds no patients: expected one DICOM folder or NIfTI file per "
+            "patient (see README, 'Your own data')"
+        )
+    return patients
+
+
+def split_patients(
+    patient_ids: list[str], counts: tuple[int, int, int], seed: int = 0, split_file: str = ""
+) -> dict[str, list[str]]:
+    """Patients of each split: from `split_file` when given, else a seeded draw of `counts`.
+
+    Either way no patient is in two splits and every named patient exists.
+    """
+    ids = sorted(patient_ids)
+    if split_file:
+        try:
+            split = json.loads(Path(split_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"split file {split_file}: {e}") from None
+        missing_keys = {"train", "val", "test"} - set(split)
+        if missing_keys:
+            raise DataError(f"split file {split_file}: missing keys {sorted(missing_keys)}")
+        split = {k: [str(p) for p in split[k]] for k in ("train", "val", "test")}
+        unknown = sorted(set(sum(split.values(), [])) - set(ids))
+        if unknown:
+            raise DataError(f"split file {split_file}: unknown patients {unknown}")
+    else:
+        if sum(counts) > len(ids):
+            raise DataError(
+                f"split {counts} needs {sum(counts)} patients but the data root has {len(ids)}; "
+                "set data.split (e.g. data.split=2/1/1)"
+            )
+        order = np.random.default_rng(seed).permutation(len(ids))
+        n_train, n_val, n_test = counts
+        pick = [ids[i] for i in order]
+        split = {
+            "train": sorted(pick[:n_train]),
+            "val": sorted(pick[n_train : n_train + n_val]),
+            "test": sorted(pick[n_train + n_val : n_train + n_val + n_test]),
+        }
+    seen = {}
+    for name, members in split.items():
+        for p in members:
+            if p in seen:
+                raise DataError(f"patient {p} is in both the {seen[p]} and {name} splits")
+            seen[p] = name
+    return split
+
+
+@dataclasses.dataclass
+class PatientScan:
+    """One patient's PET volume with the optional maps on its grid."""
+
+    patient_id: str
+    volume: io.Volume
+    mask: np.ndarray | None = None
+    t1: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    lesions: np.ndarray | None = None
+
+
+def load_patient(root: str | os.PathLike, patient_id: str, path: Path) -> PatientScan:
+    """Read a patient's PET and whichever of mask / T1 / labels / lesions exist."""
+    volume = io.read_volume(path)
+    bad = ~np.isfinite(volume.data)
+    if bad.any():
+        slices = sorted(set(np.nonzero(bad)[0].tolist()))
+        raise DataError(
+            f"patient {patient_id} ({path}): NaN or Inf in {len(slices)} slices: "
+            f"{', '.join(_slice_names(volume, slices[:10]))}{', ...' if len(slices) > 10 else ''}"
+            "; fix or leave out this patient before training"
+        )
+    aux = {}
+    for folder in AUX_FOLDERS:
+        for ext in (".nii.gz", ".nii"):
+            f = Path(root) / folder / f"{patient_id}{ext}"
+            if f.exists():
+                arr, _ = io.read_nifti_array(f)
+                if arr.shape != volume.data.shape:
+                    raise DataError(
+                        f"{f}: shape {arr.shape} differs from the PET volume {volume.data.shape}"
+                    )
+                aux[folder] = arr
+                break
+    mask = aux.get("masks")
+    return PatientScan(
+        patient_id,
+        volume,
+        mask=None if mask is None else mask > 0,
+        t1=aux.get("t1"),
+        labels=aux.get("labels"),
+        lesions=aux.get("lesions"),
+    )
+
+
+def _slice_names(volume: io.Volume, slices: list[int]) -> list[str]:
+    """`"slice 4"`, with the DICOM file it came from when the volume has one per slice."""
+    headers = volume.headers or []
+    names = []
+    for k in slices:
+        source = (
+            getattr(headers[k], "filename", None) if len(headers) == volume.data.shape[0] else None
+        )
+        names.append(f"slice {k} ({Path(source).name})" if source else f"slice {k}")
+    return names
+
+
+def resolve_root(config) -> Path:
+    """The data root a config names, generating the embedded cohort when none is given."""
+    if config.data.root:
+        return Path(config.data.root)
+    from petsr_jax import cohort
+
+    return cohort.ensure_cohort(config.data.cohort, seed=config.data.cohort_seed)
+
+
+def resolve_split(config, root: Path) -> dict[str, list[str]]:
+    """Patients per split for a config (an explicit split file wins, then `<root>/split.json`)."""
+    from petsr_jax.config import parse_split
+
+    split_file = config.data.split_file
+    if not split_file and (root / "split.json").exists():
+        split_file = str(root / "split.json")
+    patients = list_patients(root)
+    return split_patients(
+        list(patients), parse_split(config.data.split), config.data.split_seed, split_file
+    )

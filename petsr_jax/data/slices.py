@@ -1,0 +1,172 @@
+"""Evaluation and training slice sets, read once and cached as `.npy` arrays.
+
+Training uses every slice; val and test use the brain slices only (`eval_slice_indices`), as
+the paper kept 49 of 89. The slices are cached without pickle, keyed by the root's content, so
+Grain worker processes memory-map them instead of each holding a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from petsr_jax.data.domain import normalise
+from petsr_jax.data.patients import AUX_FOLDERS, DataError, list_patients, load_patient
+
+# A slice is a "brain slice" when its brain-mask area is at least this fraction of the largest
+# slice's (keeps ~49 of 89 slices of a whole-head scan, as the paper did).
+BRAIN_AREA_FRACTION = 0.25
+# Without a mask: slices whose mean intensity is at least this fraction of the brightest slice's.
+INTENSITY_FRACTION = 0.5
+CACHE_VERSION = "1"
+
+log = logging.getLogger(__name__)
+
+
+def eval_slice_indices(data: np.ndarray, mask: np.ndarray | None, rule: str) -> np.ndarray:
+    """Slices used for validation and test.
+
+    "mask": slices whose brain-mask area is ≥ 25 % of the largest slice's; without a mask,
+    slices whose mean intensity is ≥ 50 % of the brightest slice's. "all": every slice.
+    "start:stop": that range of slice indices.
+    """
+    n = data.shape[0]
+    if rule == "all":
+        return np.arange(n)
+    if re.fullmatch(r"\d+:\d+", rule):
+        start, stop = (int(x) for x in rule.split(":"))
+        return np.arange(start, min(stop, n))
+    if mask is not None:
+        area = mask.reshape(n, -1).sum(axis=1).astype(np.float64)
+        return np.flatnonzero(area >= BRAIN_AREA_FRACTION * area.max())
+    mean = data.reshape(n, -1).mean(axis=1)
+    return np.flatnonzero(mean >= INTENSITY_FRACTION * mean.max())
+
+
+@dataclasses.dataclass
+class SliceSet:
+    """High-resolution slices of one split, normalised, with what evaluation needs.
+
+    `hr` and `mask` may be memory-mapped `.npy` arrays. All arrays are indexed by slice.
+    """
+
+    hr: np.ndarray  # float32 [N, H, W], each volume / its maximum
+    mask: np.ndarray | None  # bool [N, H, W] brain mask, or None where no patient has one
+    patient: np.ndarray  # str [N] patient id
+    slice_index: np.ndarray  # int [N] index in the patient's volume
+    scale: np.ndarray  # float32 [N] the volume's normalisation factor (physical = hr * scale)
+    units: str = "unknown"
+
+    def __len__(self) -> int:
+        return int(self.hr.shape[0])
+
+
+def _cache_key(root: Path, patient_ids: list[str], rule: str, eval_split: bool) -> str:
+    """Content key of a split's slice cache: the files' names, sizes and times, and the rule."""
+    h = hashlib.sha1(f"{CACHE_VERSION}|{root.resolve()}|{rule}|{eval_split}".encode())
+    patients = list_patients(root)
+    for pid in sorted(patient_ids):
+        paths = [patients[pid]] + [root / f / f"{pid}.nii.gz" for f in AUX_FOLDERS]
+        for p in paths:
+            files = sorted(p.rglob("*")) if p.is_dir() else [p]
+            for f in files:
+                if f.is_file():
+                    st = f.stat()
+                    h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where slice caches live: `$PETSR_CACHE_DIR` or `~/.cache/petsr_jax/slices`."""
+    return Path(os.environ.get("PETSR_CACHE_DIR", Path.home() / ".cache" / "petsr_jax" / "slices"))
+
+
+def build_slice_set(
+    root: Path, patient_ids: list[str], *, eval_split: bool, rule: str = "mask", cache: bool = True
+) -> SliceSet:
+    """The slices of `patient_ids` (all of them for training, brain slices for evaluation)."""
+    key = _cache_key(root, patient_ids, rule, eval_split)
+    folder = cache_dir() / key
+    if cache and (folder / "index.json").exists():
+        index = json.loads((folder / "index.json").read_text())
+        hr = np.load(folder / "hr.npy", mmap_mode="r", allow_pickle=False)
+        mask = (
+            np.load(folder / "mask.npy", mmap_mode="r", allow_pickle=False)
+            if index["has_mask"]
+            else None
+        )
+        return SliceSet(
+            hr,
+            mask,
+            np.array(index["patient"]),
+            np.array(index["slice_index"]),
+            np.array(index["scale"], np.float32),
+            index["units"],
+        )
+    patients = list_patients(root)
+    hr, masks, pids, idx, scales, units = [], [], [], [], [], set()
+    for pid in sorted(patient_ids):
+        scan = load_patient(root, pid, patients[pid])
+        data, scale = normalise(scan.volume.data)
+        keep = (
+            eval_slice_indices(scan.volume.data, scan.mask, rule)
+            if eval_split
+            else np.arange(data.shape[0])
+        )
+        hr.append(data[keep])
+        masks.append(scan.mask[keep] if scan.mask is not None else None)
+        pids += [pid] * len(keep)
+        idx += keep.tolist()
+        scales += [scale] * len(keep)
+        units.add(scan.volume.units)
+    shapes = {a.shape[1:] for a in hr}
+    if len(shapes) > 1:
+        raise DataError(f"patients in {root} have different slice sizes {sorted(shapes)}")
+    has_mask = all(m is not None for m in masks)
+    result = SliceSet(
+        np.concatenate(hr),
+        np.concatenate(masks) if has_mask else None,
+        np.array(pids),
+        np.array(idx),
+        np.array(scales, np.float32),
+        units.pop() if len(units) == 1 else "mixed",
+    )
+    if cache:
+        _write_cache(folder, result)
+    return result
+
+
+def _write_cache(folder: Path, s: SliceSet) -> None:
+    # Unique across hosts: the processes of a multi-host run may share this folder and a pid.
+    tmp = folder.with_name(f"{folder.name}.tmp{uuid.uuid4().hex}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "hr.npy", s.hr, allow_pickle=False)
+    if s.mask is not None:
+        np.save(tmp / "mask.npy", s.mask, allow_pickle=False)
+    index = {
+        "patient": s.patient.tolist(),
+        "slice_index": s.slice_index.tolist(),
+        "scale": s.scale.tolist(),
+        "units": s.units,
+        "has_mask": s.mask is not None,
+    }
+    (tmp / "index.json").write_text(json.dumps(index))
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished the same cache first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_path_of(slices: SliceSet) -> str | None:
+    """The `.npy` file behind a memory-mapped slice array (None for in-memory arrays)."""
+    return getattr(slices.hr, "filename", None)
