@@ -149,7 +149,7 @@ def table(scores: dict[int, np.ndarray]) -> str:
 
 def main(argv):
     del argv
-    from petsr_jax import cohort
+    from petsr_jax.sim import cohort
 
     scales = tuple(int(s) for s in _SCALES.value)
     if _ROOT.value:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from petsr_jax import cohort
+from petsr_jax.sim import cohort
 
 _PRESET = flags.DEFINE_enum("preset", "paper", sorted(cohort.PRESETS), "Cohort size preset.")
 _ROOT = flags.DEFINE_string(

@@ -1,4 +1,4 @@
-"""Tests of the synthetic cohort (`petsr_jax.cohort`) and its PET simulation (`petsr_jax.pet_sim`).
+"""Tests of the synthetic cohort (`petsr_jax.sim`): its PET simulation, patients, files on disk.
 
 The physics checks run on a thin brain slab at 1.56 mm pixels (fine enough for grey and white
 matter to have partial-volume-free cores); the whole-head, on-disk and failure checks on the
@@ -20,7 +20,8 @@ from scipy import ndimage as ndi
 from skimage.data import shepp_logan_phantom
 from skimage.transform import radon, resize
 
-from petsr_jax import cohort, io, pet_sim
+from petsr_jax import io
+from petsr_jax.sim import cohort, scanner
 
 TINY = cohort.PRESETS["tiny"]
 # Twelve 2.78 mm slices from the cerebellum to the basal ganglia, at 1.56 mm pixels.
@@ -63,35 +64,35 @@ def test_projector_matches_skimage_radon():
     image = resize(shepp_logan_phantom(), (size, size), anti_aliasing=True).astype(np.float32)
     yy, xx = np.mgrid[:size, :size] - size // 2
     image = ndi.gaussian_filter(image, 1.0) * (yy**2 + xx**2 < (size // 2 - 1) ** 2)
-    geometry = pet_sim.ScannerGeometry(size=size, pixel_mm=1.0, n_angles=60)
-    ours = pet_sim.project(geometry, image[None])[0].T  # [bins, angles], as radon
+    geometry = scanner.ScannerGeometry(size=size, pixel_mm=1.0, n_angles=60)
+    ours = scanner.project(geometry, image[None])[0].T  # [bins, angles], as radon
     reference = radon(image, theta=np.degrees(geometry.angles), circle=True)
     # Joseph's linear interpolation vs. scikit-image's rotate-and-sum: equal up to interpolation.
     assert np.linalg.norm(ours - reference) / np.linalg.norm(reference) < 0.01
     # The path-length weights make a ray through a uniform disc as long as its chord.
-    disc = pet_sim.fov_mask(size).astype(np.float32)
-    central = pet_sim.project(geometry, disc[None])[0][:, size // 2]
+    disc = scanner.fov_mask(size).astype(np.float32)
+    central = scanner.project(geometry, disc[None])[0][:, size // 2]
     np.testing.assert_allclose(central, size, rtol=0.03)
 
 
 def test_osem_recovers_activity_quantitatively():
     size, pixel_mm = 64, 4.0
-    geometry = pet_sim.ScannerGeometry(size=size, pixel_mm=pixel_mm, n_angles=48)
+    geometry = scanner.ScannerGeometry(size=size, pixel_mm=pixel_mm, n_angles=48)
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
     disc = (yy**2 + xx**2 <= 24**2).astype(np.float32)
     activity = np.stack([disc * 5.0, disc * 12.0])  # two slices, two levels
-    matrix = pet_sim.system_matrix(geometry)
-    attenuation = np.exp(-(matrix @ pet_sim.to_columns(disc[None] * 0.0096))).repeat(2, axis=1)
+    matrix = scanner.system_matrix(geometry)
+    attenuation = np.exp(-(matrix @ scanner.to_columns(disc[None] * 0.0096))).repeat(2, axis=1)
     multiplicative = (100.0 * attenuation).astype(np.float32)
     additive = np.full_like(multiplicative, 3.0)
-    counts = multiplicative * (matrix @ pet_sim.to_columns(activity)) + additive
-    recon = pet_sim.osem(
+    counts = multiplicative * (matrix @ scanner.to_columns(activity)) + additive
+    recon = scanner.osem(
         geometry, counts, multiplicative, additive, n_iterations=6, n_subsets=8, psf_fwhm_mm=0
     )
     interior = (yy**2 + xx**2) <= 18**2
     np.testing.assert_allclose([recon[0][interior].mean(), recon[1][interior].mean()], [5, 12],
                                rtol=0.03)  # fmt: skip
-    assert recon[:, ~pet_sim.fov_mask(size)].max() == 0
+    assert recon[:, ~scanner.fov_mask(size)].max() == 0
 
 
 def test_display_interpolation_matches_pil_bicubic():

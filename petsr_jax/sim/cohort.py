@@ -40,7 +40,7 @@ came out far above the paper's (`launch/cohort_difficulty.py` measures it). The 
 presets keep 300 mm. Orientation is standard axial DICOM (LPS: columns toward the patient's
 left, rows toward posterior, slices from the jaw up).
 
-PET simulation (why it is fast enough; see `petsr_jax.pet_sim`). The true activity is built on a
+PET simulation (why it is fast enough; see `petsr_jax.sim.scanner`). The true activity is built on a
 fine grid (≤ 1.2 mm pixels, 0.68 mm for the paper preset), blurred by the scanner PSF (4.5 mm
 FWHM in-plane and axially), and area-averaged onto the acquisition grid (192² at 1.35 mm for the
 paper preset: a scanner's detector sampling is coarser than its display matrix). One sparse
@@ -104,7 +104,7 @@ from typing import Any
 import numpy as np
 import scipy.ndimage as ndi
 
-from petsr_jax import pet_sim
+from petsr_jax.sim import scanner
 
 GENERATOR = "petsr_jax.cohort"
 VERSION = "2"
@@ -1092,7 +1092,7 @@ def _resize_in_plane(images: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _normalisation(geometry: pet_sim.ScannerGeometry) -> np.ndarray:
+def _normalisation(geometry: scanner.ScannerGeometry) -> np.ndarray:
     """Per-bin detector efficiencies of the (one, simulated) scanner: fixed, not per patient."""
     rng = np.random.default_rng(20240611)
     return np.exp(rng.normal(0.0, 0.05, geometry.n_angles * geometry.n_bins)).astype(np.float32)
@@ -1111,24 +1111,24 @@ def acquire_and_reconstruct(
     (Bq/mL) and μ-map on the recon grid (see module docstring)."""
     size = spec.recon_size
     pixel_mm = spec.fov_mm / size
-    geometry = pet_sim.ScannerGeometry(size=size, pixel_mm=pixel_mm, n_angles=spec.n_angles)
-    matrix = pet_sim.system_matrix(geometry)
+    geometry = scanner.ScannerGeometry(size=size, pixel_mm=pixel_mm, n_angles=spec.n_angles)
+    matrix = scanner.system_matrix(geometry)
     # Axial resolution: the PSF across slices, less what a 3D PSF model recovers where the
     # scanner's reconstruction has one (this one is 2D per slice); the in-plane PSF as a radial
     # blur of the projections.
     axial_fwhm_mm = spec.scanner_psf_fwhm_mm
     if spec.axial_psf_modelled:
         axial_fwhm_mm = math.sqrt(max(axial_fwhm_mm**2 - spec.recon_psf_fwhm_mm**2, 0.0))
-    sigma_slices = axial_fwhm_mm * pet_sim.FWHM_TO_SIGMA / spec.slice_mm
+    sigma_slices = axial_fwhm_mm * scanner.FWHM_TO_SIGMA / spec.slice_mm
     blurred = (
         ndi.gaussian_filter1d(activity, sigma_slices, axis=0, mode="nearest")
         if sigma_slices > 0
         else activity
     )
-    line_integrals = pet_sim.blur_radial(
-        matrix @ pet_sim.to_columns(blurred), size, spec.scanner_psf_fwhm_mm, pixel_mm
+    line_integrals = scanner.blur_radial(
+        matrix @ scanner.to_columns(blurred), size, spec.scanner_psf_fwhm_mm, pixel_mm
     )  # [bins, slices], Bq/mL × mm
-    attenuation = np.exp(-(matrix @ pet_sim.to_columns(mu_per_cm / 10.0)))  # μ in 1/mm
+    attenuation = np.exp(-(matrix @ scanner.to_columns(mu_per_cm / 10.0)))  # μ in 1/mm
     efficiency = _normalisation(geometry)[:, None] * attenuation
     trues_shape = efficiency * line_integrals
     # Non-TOF data with the noise of a TOF acquisition of `counts_per_slice` (docstring).
@@ -1138,7 +1138,7 @@ def acquire_and_reconstruct(
     trues = multiplicative * line_integrals
     # Scatter: the attenuated trues spread broadly across bins (radial FWHM 100 mm).
     views = trues.reshape(spec.n_angles, size, -1)
-    scatter = ndi.gaussian_filter1d(views, 100.0 * pet_sim.FWHM_TO_SIGMA / pixel_mm, axis=1)
+    scatter = ndi.gaussian_filter1d(views, 100.0 * scanner.FWHM_TO_SIGMA / pixel_mm, axis=1)
     scatter = scatter.reshape(trues.shape)
     scatter *= scatter_fraction / (1 - scatter_fraction - randoms_fraction) * trues.sum(0) / (
         np.maximum(scatter.sum(0), 1e-12)
@@ -1148,7 +1148,7 @@ def acquire_and_reconstruct(
     )
     additive = (scatter + randoms).astype(np.float32)
     counts = rng.poisson(trues + additive).astype(np.float32)
-    return pet_sim.osem(
+    return scanner.osem(
         geometry,
         counts,
         multiplicative,
@@ -1202,7 +1202,7 @@ def generate_patient(spec: CohortSpec, index: int, seed: int = 0) -> dict[str, A
         randoms_fraction,
         count_rng,
     )
-    pet = _resize_in_plane(recon, spec.size) * pet_sim.fov_mask(spec.size)
+    pet = _resize_in_plane(recon, spec.size) * scanner.fov_mask(spec.size)
 
     to_output = truth_size // spec.size
     t1 = _block_mean(fine.t1, to_output)

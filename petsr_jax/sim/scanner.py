@@ -1,6 +1,6 @@
 """A 2D PET acquisition and OSEM reconstruction, fast enough to simulate a whole cohort on a CPU.
 
-The synthetic cohort (`petsr_jax.cohort`) turns a true activity map into a scan that looks
+The synthetic cohort (`petsr_jax.sim`) turns a true activity map into a scan that looks
 reconstructed rather than blurred: line integrals with attenuation, Poisson counts, scatter and
 randoms, and PSF-modelled OSEM, slice by slice (2D, as after Fourier rebinning).
 
