@@ -7,20 +7,22 @@ python launch/ablate.py --config=configs/deepsr.py:scale=8,quick --sweep=depth -
 python launch/ablate.py --config=configs/deepsr.py:scale=8 --sweep=model.width --values=32,64
 
 Rerunning the same command skips finished runs and resumes interrupted ones. The logic lives in
-`petsr_jax.ablation` (usable from a notebook).
+`petsr_jax.experiments.ablation` (usable from a notebook).
 """
 
 import sys
 
-from petsr_jax import perf
+from petsr_jax import cpu
 
-perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
+cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import ablation, distributed  # noqa: E402
+from petsr_jax import distributed  # noqa: E402
+from petsr_jax.config import parse_flags  # noqa: E402
+from petsr_jax.experiments import ablation  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and its arg (the base of every run).", lock_config=True
@@ -51,4 +53,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "sweep", "values"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

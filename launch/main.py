@@ -16,16 +16,18 @@ status 2; a run whose loss diverges exits with status 3 and keeps its last good 
 
 import sys
 
-from petsr_jax import perf
+from petsr_jax import cpu
 
-perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
+cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import checkpoint, data, distributed, io, report, train  # noqa: E402
-from petsr_jax.config import ConfigError, validate  # noqa: E402
+from petsr_jax import checkpoint, data, distributed, io, train  # noqa: E402
+from petsr_jax import workdir as workdir_lib  # noqa: E402
+from petsr_jax.config import ConfigError, parse_flags, validate  # noqa: E402
+from petsr_jax.evaluation import report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and its arg.", lock_config=True
@@ -41,6 +43,7 @@ USER_ERRORS = (
     data.DataError,
     io.ScanError,
     checkpoint.CheckpointError,
+    workdir_lib.WorkdirError,
     OSError,
 )
 
@@ -49,7 +52,7 @@ def run(config, workdir: str | None) -> dict:
     """Start the distributed runtime if asked, check the config, train, print the results."""
     distributed.initialize(config)  # first: it must precede anything that starts JAX
     validate(config)
-    workdir = workdir or train.default_workdir(config)
+    workdir = workdir or str(workdir_lib.default_workdir(config))
     logging.info("workdir: %s", workdir)
     results = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
@@ -76,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

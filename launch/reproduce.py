@@ -5,20 +5,22 @@ python launch/reproduce.py --quick              # small cohort, short runs: ~1 h
 python launch/reproduce.py --scales=8 --runs=runs/ --out=reports/paper
 
 Finished runs are reused and interrupted ones resumed, so rerunning the same command after a stop
-continues where it left off; the logic lives in `petsr_jax.reproduce` (importable from a notebook).
+continues where it left off; the logic lives in `petsr_jax.experiments.reproduce` (importable from a
+notebook).
 """
 
-from petsr_jax import perf
+from petsr_jax import cpu
 
-perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
+cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import shlex  # noqa: E402
 import sys  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
-from petsr_jax import data, distributed, reproduce  # noqa: E402
+from petsr_jax import data, distributed  # noqa: E402
 from petsr_jax.config import build_config  # noqa: E402
+from petsr_jax.experiments import reproduce  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Each config's `quick` flag (2-core CPU, ~1 hour).")
 _SCALES = flags.DEFINE_list("scales", ["8", "12", "16"], "Downscaling factors.")

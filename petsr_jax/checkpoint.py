@@ -30,34 +30,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored into this run; the message says why and what to do."""
 
 
-# Config fields that decide what a run's checkpoints mean. Resuming a workdir with any of them
-# changed would restore a different model (shape errors at best) or silently continue another
-# experiment; fields absent here (epochs, learning rate, eval and logging cadence, LPIPS,
-# distributed launch, compute dtype, loader workers) may change between a run and its resumption.
-RUN_IDENTITY_FIELDS = (
-    "model.name",
-    "model.num_blocks",
-    "model.width",
-    "model.global_skip",
-    "model.init",
-    "model.residual_scale",
-    "model.in_channels",
-    "scale",
-    "seed",
-    "data.root",
-    "data.cohort",
-    "data.cohort_seed",
-    "data.split",
-    "data.split_seed",
-    "data.split_file",
-    "data.crop_size",
-    "data.flip",
-    "data.domain",
-    "train.batch_size",
-)
-
-_ARCHITECTURE_FIELDS = ("model.num_blocks", "model.width", "model.global_skip")
-
 # How many differing leaves a mismatch message lists before summarising the rest.
 _MAX_LISTED = 6
 
@@ -342,57 +314,6 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
             earlier = [s for s in mngr.all_steps() if s < step]
             raise _damaged(step_dir, e, earlier) from e
         return restored.state["params"]
-
-
-def check_resumable(workdir: str | Path, config) -> None:
-    """Refuse to resume a workdir whose recorded config differs in what defines the run.
-
-    Compares `<workdir>/config.json` (written when the run started) with `config` on
-    `RUN_IDENTITY_FIELDS`, when the workdir already holds checkpoints. Raises `CheckpointError`
-    naming each differing field with both values.
-    """
-    workdir = Path(workdir)
-    recorded_path = workdir / "config.json"
-    has_checkpoints = any(
-        (workdir / sub).is_dir() and any((workdir / sub).iterdir())
-        for sub in ("checkpoints", "best")
-    )
-    if not has_checkpoints or not recorded_path.is_file():
-        return
-    try:
-        recorded = json.loads(recorded_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(
-            f"{recorded_path} cannot be read ({e}); it records the config of the checkpoints "
-            f"in {workdir}. Restore it, or start a new workdir."
-        ) from None
-    current = json.loads(config.to_json())
-    differences = []
-    other_model = _lookup(recorded, "model.name") != _lookup(current, "model.name")
-    for field in RUN_IDENTITY_FIELDS:
-        if other_model and field in _ARCHITECTURE_FIELDS:
-            continue  # another network altogether: its depth and width would only add noise
-        before, now = _lookup(recorded, field), _lookup(current, field)
-        if before is not _MISSING and before != now:
-            differences.append(f"{field}: {before!r} in the workdir, {now!r} now")
-    if differences:
-        raise CheckpointError(
-            f"{workdir} holds checkpoints of a run with another config ("
-            + "; ".join(differences)
-            + "). Give a new --workdir for this config, or resume with the workdir's config.json."
-        )
-
-
-_MISSING = object()
-
-
-def _lookup(tree: dict, dotted: str):
-    node = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return _MISSING
-        node = node[part]
-    return node
 
 
 def read_json(path: Path) -> dict:

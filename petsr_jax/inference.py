@@ -40,8 +40,10 @@ import ml_collections
 import numpy as np
 
 from petsr_jax import checkpoint, data
+from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import base_config
 from petsr_jax.data.degrade import degrade
+from petsr_jax.evaluation.predict import map_batches
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
 
@@ -103,6 +105,10 @@ def load(workdir, *, which: str | None = None, batch_size: int | None = None) ->
             f"{workdir}: cannot restore the {which} params for the model in config.json "
             f"({type(error).__name__}: {error})"
         ) from error
+    unfinished = workdir_lib.progress(workdir)
+    if unfinished:
+        checkpoint_kind = "best checkpoint" if which == "best" else "latest checkpoint"
+        warnings.warn(f"{unfinished}; using the {checkpoint_kind} so far", stacklevel=2)
     return SuperResolver(
         config, params, workdir=workdir, data_info=read_data_info(workdir), batch_size=batch_size
     )
@@ -188,39 +194,13 @@ def _as_slices(x) -> tuple[np.ndarray, Callable]:
     )
 
 
-def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress) -> list:
-    """`fn(params, nhwc)` over `[N, H, W]` slices, `batch_size` at a time; numpy outputs.
-
-    Every batch has one shape (the last is zero-filled), so each slice shape compiles once.
-    Batch k+1 is dispatched before batch k is copied back, overlapping the copy with the work
-    while at most two batches are alive on the device.
-    """
-    n, h, w = slices.shape
-    size = max(1, min(batch_size, n))
-    outputs: list[np.ndarray] | None = None
-    pending = None
-
-    def collect(start, stop, result):
-        nonlocal outputs
-        result = result if isinstance(result, tuple) else (result,)
-        if outputs is None:
-            outputs = [np.empty((n, h, w), np.float32) for _ in result]
-        for out, r in zip(outputs, result, strict=True):
-            out[start:stop] = np.asarray(r)[: stop - start, ..., 0]
-        if progress is not None:
-            progress(stop - start)
-
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        chunk = np.zeros((size, h, w, 1), np.float32)
-        chunk[: stop - start, ..., 0] = slices[start:stop]
-        result = fn(params, chunk)  # asynchronous: returns before the work is done
-        if pending is not None:
-            collect(*pending)
-        pending = (start, stop, result)
-    if pending is not None:
-        collect(*pending)
-    return outputs or [np.empty((0, h, w), np.float32)]
+def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress) -> tuple:
+    """`fn(params, nhwc)` over `[N, H, W]` slices with the one batched loop; `[N, H, W]` outputs."""
+    if not len(slices):
+        return (np.empty(slices.shape, np.float32),) * 2
+    result = map_batches(fn, params, slices[..., None], batch_size=batch_size, progress=progress)
+    result = result if isinstance(result, tuple) else (result,)
+    return tuple(r[..., 0] for r in result)
 
 
 class SuperResolver:
@@ -341,7 +321,7 @@ class SuperResolver:
         `data.normalise` and evaluation hold them); the result in the same range."""
         self._check_channels()
         encoded, low, span = data.to_domain(slices, self.domain)
-        (out,) = _run_in_batches(
+        out, *_ = _run_in_batches(
             self._enhance, self.params, encoded, batch_size or self.batch_size, progress
         )
         return data.from_domain(out, low, span)

@@ -14,6 +14,7 @@ figure into the workdir.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -31,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from petsr_jax import checkpoint, data, evaluate, report, sharding
+from petsr_jax import checkpoint, data, files, sharding
+from petsr_jax import workdir as workdir_lib
 from petsr_jax.data.degrade import degrade
+from petsr_jax.evaluation import evaluate, report
 from petsr_jax.models import count_params, create_model
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,12 @@ def jit_train_step(train_step, mesh):
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
+
+
+def params_finite(tree) -> bool:
+    """True when every leaf of a pytree is finite (checked before a checkpoint is written)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
 
 
 def _steps(config, num_train_slices: int) -> tuple[int, int]:
@@ -172,16 +181,6 @@ def check_free_space(workdir: Path, state, keep: int) -> None:
         raise error
 
 
-def default_workdir(config) -> str:
-    """`runs/<model>_x<scale>`, plus the cohort preset and depth when they differ from the paper."""
-    name = f"runs/{config.model.name}_x{config.scale}"
-    if not config.data.root and config.data.cohort != "paper":
-        name += f"_{config.data.cohort}"
-    if config.model.name == "deepsr" and config.model.num_blocks != 20:
-        name += f"_b{config.model.num_blocks}"
-    return name
-
-
 TRAIN_TIME_FILE = "train_time.json"
 
 
@@ -224,15 +223,25 @@ class _MetricWriter:
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Train `config` in `workdir` (resuming if it holds checkpoints); return the results dict."""
+    """Train `config` in `workdir` (resuming if it holds checkpoints); return the results dict.
+
+    The workdir is locked for the whole call (`workdir.WorkdirLock`, by the primary process), so
+    a second training of the same folder stops at once instead of mixing two runs.
+    """
     from petsr_jax.config import validate
 
     validate(config)
     workdir = Path(workdir).absolute()
     check_workdir(workdir)
+    lock = workdir_lib.WorkdirLock(workdir) if _is_primary() else contextlib.nullcontext()
+    with lock:
+        return _train_and_evaluate(config, workdir, progress)
+
+
+def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
     # Before config.json is rewritten below and before a finished run's results are returned:
-    # another config must not resume, or be answered by, this workdir's checkpoints.
-    checkpoint.check_resumable(workdir, config)
+    # another config must not resume, or be answered by, this workdir's run.
+    workdir_lib.check_same_run(workdir, config)
     results_path = workdir / "results.json"
 
     root = data.resolve_root(config)
@@ -247,17 +256,22 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
 
     # A run interrupted while writing its outputs has results.json but not all of the rest; it
     # is evaluated again from its final checkpoint (no training) and its outputs rewritten.
-    if all((workdir / name).exists() for name in RUN_OUTPUTS):
+    # A finished run scored with other evaluation settings is scored again, not retrained.
+    recorded = workdir_lib.recorded_config(workdir)
+    if all((workdir / name).exists() for name in RUN_OUTPUTS) and recorded is not None:
         done = json.loads(results_path.read_text())
-        if done.get("step") == total_steps and done.get("weights", "best") == config.eval.weights:
+        if done.get("step") == total_steps and not workdir_lib.differences(recorded, config):
             log.info("%s is finished (step %d); not training again", workdir, total_steps)
             return done
 
     if _is_primary():
-        report.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
-        report.write_json_atomic(workdir / "split.json", split)
+        workdir_lib.write_run_record(
+            workdir, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        )
+        files.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+        files.write_json_atomic(workdir / "split.json", split)
         # What enhancement checks a new scan against (units, slice size).
-        report.write_json_atomic(
+        files.write_json_atomic(
             workdir / "data_info.json",
             {
                 "units": train_set.units,
@@ -359,7 +373,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                     raise TrainingDiverged(f"validation PSNR is {val['sr']['psnr']} at step {step}")
                 ckpts.save_best(step, state.params, val["sr"]["psnr"])
             if step % ckpt_every == 0 or step == total_steps:
-                if not evaluate.jnp_finite(state.params):
+                if not params_finite(state.params):
                     raise TrainingDiverged(
                         f"parameters became non-finite before step {step}; checkpoint not written, "
                         f"the last good one (step {ckpts.latest_step()}) is intact"
@@ -367,7 +381,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
                 ckpts.save(step, state, train_iter.get_state())
                 if _is_primary():
                     seconds = time_before + time.perf_counter() - loop_start
-                    report.write_json_atomic(
+                    files.write_json_atomic(
                         workdir / TRAIN_TIME_FILE, {"step": step, "seconds": round(seconds, 1)}
                     )
             if bar is not None:

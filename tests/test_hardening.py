@@ -13,6 +13,7 @@ field, or leaves a run that a rerun of the same command completes.
 
 import ast
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -30,8 +31,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from petsr_jax import checkpoint, data, io, report, train
+from petsr_jax import checkpoint, data, files, io, train
+from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import build_config
+from petsr_jax.evaluation import report
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
 
@@ -369,7 +372,7 @@ def deepsr_checkpoint(tmp_path_factory, nifti_root):
     ckpts.save_best(4, state.params, 20.0)
     ckpts.wait()
     ckpts.close()
-    report.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
+    files.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
     return workdir
 
 
@@ -380,8 +383,8 @@ def deepsr_workdir(deepsr_checkpoint, tmp_path):
 
 def test_a_workdir_of_another_model_is_refused_by_its_recorded_config(deepsr_workdir, nifti_root):
     with pytest.raises(
-        checkpoint.CheckpointError,
-        match=r"another config \(model\.name: 'deepsr' in the workdir, 'srcnn' now\)",
+        workdir_lib.WorkdirError,
+        match=r"another config \(model\.name: 'deepsr' in the workdir, 'srcnn' now",
     ):
         train.train_and_evaluate(_config(nifti_root), deepsr_workdir, progress=False)
     assert json.loads((deepsr_workdir / "config.json").read_text())["model"]["name"] == "deepsr"
@@ -468,11 +471,11 @@ def test_an_interrupted_result_or_figure_write_leaves_the_old_file_or_none(tmp_p
     def crash(fd):  # the bytes are in the temporary file; the rename has not happened
         raise _Interrupted
 
-    monkeypatch.setattr(report.os, "fsync", crash)
+    monkeypatch.setattr(files.os, "fsync", crash)
     with pytest.raises(_Interrupted):
-        report.write_json_atomic(tmp_path / "results.json", {"new": True})
+        files.write_json_atomic(tmp_path / "results.json", {"new": True})
     with pytest.raises(_Interrupted):
-        report.write_atomic(tmp_path / "results.md", b"# results\n" * 1000)
+        files.write_atomic(tmp_path / "results.md", b"# results\n" * 1000)
     hr = np.random.default_rng(0).uniform(size=(2, 16, 16)).astype(np.float32)
     with pytest.raises(_Interrupted):
         report.comparison_figure(tmp_path / "test_slices.png", hr, hr, hr)
@@ -515,6 +518,113 @@ def test_an_interrupted_nifti_or_dicom_write_leaves_nothing(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def _blob_volume() -> Volume:
+    from conftest import blob_volume
+
+    return Volume(blob_volume(0)[0], (2.0, 2.0, 2.0), units="BQML", patient_id="p")
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_two_formats_are_written_all_or_nothing_and_the_rerun_is_not_blocked(tmp_path, monkeypatch):
+    volume = _blob_volume()
+    targets = {"dicom_dir": tmp_path / "p", "nifti_path": tmp_path / "p.nii.gz"}
+    monkeypatch.setattr(nib, "save", _no_space)  # the DICOM series is complete by then
+    with pytest.raises(
+        io.ScanError,
+        match=r"p\.nii\.gz: cannot write the file \(No space left on device\); nothing written",
+    ):
+        io.write_outputs(volume, **targets)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    real_replace = os.replace
+
+    def nifti_rename_fails(source, target):  # after the DICOM series got its name
+        if str(target).endswith(".nii.gz"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", nifti_rename_fails)
+    with pytest.raises(io.ScanError, match=r"p\.nii\.gz: cannot write the file \(Invalid cross"):
+        io.write_outputs(volume, **targets)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    assert io.write_outputs(volume, **targets) == [targets["dicom_dir"], targets["nifti_path"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "p.nii.gz"]
+    np.testing.assert_allclose(io.read_volume(tmp_path / "p.nii.gz").data, volume.data)
+    assert io.read_volume(tmp_path / "p").shape == volume.shape
+
+
+def test_a_failing_clean_up_never_hides_the_write_error(tmp_path, monkeypatch):
+    volume = _blob_volume()
+
+    def cannot_remove(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "save_as", _no_space)
+    monkeypatch.setattr(nib, "save", _no_space)
+    monkeypatch.setattr(shutil, "rmtree", cannot_remove)
+    monkeypatch.setattr(Path, "unlink", cannot_remove)
+    with pytest.raises(io.ScanError, match=r"cannot write the series \(No space left on device\)"):
+        io.write_dicom(volume, tmp_path / "p")
+    with pytest.raises(io.ScanError, match=r"cannot write the file \(No space left on device\)"):
+        io.write_nifti(volume, tmp_path / "p.nii.gz")
+
+
+_KILLED_WHILE_SAVING_NIFTI = """
+import sys, time
+import nibabel as nib
+import numpy as np
+from petsr_jax import io
+from petsr_jax.volume import Volume
+
+def stalled_save(image, filename):  # the 0-byte file a killed save leaves, then a long wait
+    open(filename, "wb").close()
+    print("saving", flush=True)
+    time.sleep(120)
+
+nib.save = stalled_save
+volume = Volume(np.ones((6, 16, 16), np.float32), (2.0, 2.0, 2.0), units="BQML", patient_id="p")
+io.write_outputs(volume, dicom_dir=sys.argv[1] + "/p", nifti_path=sys.argv[1] + "/p.nii.gz")
+"""
+
+
+def test_kill_9_while_writing_two_formats_leaves_only_leftovers_the_rerun_removes(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WHILE_SAVING_NIFTI, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "saving"  # the DICOM series is complete
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert not (out / "p").exists() and not (out / "p.nii.gz").exists()
+    leftovers = _temporaries(out)
+    assert len(leftovers) == 2 and all(p.name.startswith(".p.") for p in leftovers)
+    with pytest.warns(UserWarning, match="skipped 2 leftover"):
+        assert io.list_series(out) == []  # not a second PET series beside a later one
+
+    volume = _blob_volume()
+    with pytest.warns(UserWarning, match="removed 2 leftover"):
+        io.write_outputs(volume, dicom_dir=out / "p", nifti_path=out / "p.nii.gz")
+    assert sorted(p.name for p in out.iterdir()) == ["p", "p.nii.gz"]
+    with pytest.warns(
+        UserWarning, match=r"ignored 1 file\(s\) that are not DICOM images: p\.nii\.gz"
+    ):
+        assert [info.n_files for info in io.list_series(out)] == [volume.shape[0]]
+
+
 def test_a_run_interrupted_while_writing_its_outputs_rewrites_them_on_rerun(
     finished, nifti_root, tmp_path, monkeypatch
 ):
@@ -523,7 +633,7 @@ def test_a_run_interrupted_while_writing_its_outputs_rewrites_them_on_rerun(
     shutil.copytree(reference, workdir)
     for name in train.RUN_OUTPUTS:
         (workdir / name).unlink()
-    real_write = report.write_atomic
+    real_write = files.write_atomic
 
     def crash_on_markdown(path, payload):
         if Path(path).name == "results.md":

@@ -1,4 +1,5 @@
-"""Tests for petsr_jax.lpips: the LPIPS(VGG) network against PyTorch `lpips`, and weight lookup.
+"""Tests for petsr_jax.metrics.perceptual: the LPIPS(VGG) network against PyTorch `lpips`, and
+weight lookup.
 
 No real weights exist here (they live on a model hub), so every test writes random ones. The
 parity test builds the PyTorch `lpips` network with a random VGG16 trunk - `lpips` takes VGG16's
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from petsr_jax import lpips as lpips_lib
+from petsr_jax.metrics import perceptual as lpips_lib
 
 IMAGE_SIZE = 64
 

@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from petsr_jax import data, evaluate, sharding
+from petsr_jax import data, io, sharding
 from petsr_jax.data.degrade import degrade
+from petsr_jax.evaluation import evaluate, regional
 from petsr_jax.models import DeepSR
 
 
@@ -137,7 +138,7 @@ def test_region_rows_with_a_perfect_model_and_a_known_blur():
     blurred = truth.copy()
     blurred[0, 1:3, 1:3] = [[300.0, 340.0], [320.0, 360.0]]
     blurred[1, 4, 4] = 80.0
-    rows = evaluate.region_rows(
+    rows = regional.region_rows(
         truth,
         {"bicubic": blurred, "sr": truth},
         labels=labels,
@@ -158,7 +159,7 @@ def test_region_rows_with_a_perfect_model_and_a_known_blur():
     cold = by_region["lesion_3"]
     assert cold["bicubic"]["mean_error_pct"] == pytest.approx(60.0)
     assert by_region["grey_matter"]["bicubic"]["mean_error"] == 0.0
-    summary = evaluate.summarise_regions(rows)
+    summary = regional.summarise_regions(rows)
     assert summary["lesion"]["count"] == 2 and summary["grey_matter"]["count"] == 1
     assert summary["lesion"]["bicubic"]["mean_error_pct"] == pytest.approx((-17.5 + 60.0) / 2)
     assert summary["lesion"]["bicubic"]["abs_mean_error_pct"] == pytest.approx((17.5 + 60.0) / 2)
@@ -175,7 +176,7 @@ def _write_map(path, array, like):
 def test_regional_recovery_against_a_hand_computation(net, nifti_root, tmp_path):
     model, params = net
     root = shutil.copytree(nifti_root, tmp_path / "root")
-    pet, _ = data.io.read_nifti_array(root / "pat-01.nii.gz")
+    pet, _ = io.read_nifti_array(root / "pat-01.nii.gz")
     labels = np.zeros(pet.shape, np.uint8)
     labels[2:6, 8:24, 8:24] = 1
     lesions = np.zeros(pet.shape, np.uint8)
@@ -184,7 +185,7 @@ def test_regional_recovery_against_a_hand_computation(net, nifti_root, tmp_path)
     _write_map(root / "labels" / "pat-01.nii.gz", labels, root / "pat-01.nii.gz")
     _write_map(root / "lesions" / "pat-01.nii.gz", lesions, root / "pat-01.nii.gz")
     mesh = sharding.make_mesh()
-    result = evaluate.regional_recovery(
+    result = regional.regional_recovery(
         params, root, ["pat-01", "pat-02"], model=model, scale=8, mesh=mesh, batch_size=3
     )
     assert result["skipped"] == ["pat-02"] and result["units"] == "BQML"

@@ -22,6 +22,7 @@ not evaluate again. Outputs, each written through a temporary file and a rename,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,9 +36,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from petsr_jax import checkpoint, data, evaluate, report, sharding, train
-from petsr_jax import config as config_lib
+from petsr_jax import checkpoint, data, files, sharding, train
+from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import field_names, parse_value, validate
+from petsr_jax.evaluation import evaluate
 from petsr_jax.models import create_model
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def format_value(value: Any) -> str:
 
 
 def _prefix(config) -> str:
-    """`<model>_x<scale>[_<cohort>]`, as `train.default_workdir` names runs."""
+    """`<model>_x<scale>[_<cohort>]`, as `workdir.readable_name` begins."""
     prefix = f"{config.model.name}_x{config.scale}"
     if not config.data.root and config.data.cohort != "paper":
         prefix += f"_{config.data.cohort}"
@@ -166,19 +168,6 @@ def run_name(config, sweep: Sweep, value: Any) -> str:
     return f"{prefix}_{sweep.label}{joiner}{text}"
 
 
-def config_differences(workdir: Path, config) -> list[str]:
-    """Fields where the config a workdir was trained with differs from `config` (those that
-    change what is learned); empty when the workdir holds no run yet."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        return []
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise AblationError(f"{path}: unreadable ({e}); delete the workdir to rerun it") from None
-    return config_lib.config_differences(recorded, config)
-
-
 def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Sweep, list]:
     """The sweep and its (value, config, workdir) runs, every config validated and every existing
     workdir checked before any training starts."""
@@ -193,12 +182,10 @@ def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Swe
             errors.append(f"{field}={format_value(value)}: {e}")
             continue
         workdir = Path(runs_dir).absolute() / run_name(run_config, swept, value)
-        differences = config_differences(workdir, run_config)
-        if differences:
-            errors.append(
-                f"{workdir} holds a run of another config ({'; '.join(differences)}); use "
-                "another --runs folder or delete that workdir"
-            )
+        try:
+            workdir_lib.check_same_run(workdir, run_config)
+        except workdir_lib.WorkdirError as error:
+            errors.append(str(error))
         runs.append((value, run_config, workdir))
     if errors:
         raise AblationError("cannot run the sweep:\n  - " + "\n  - ".join(errors))
@@ -235,7 +222,7 @@ def val_results(config, workdir: Path, results: dict) -> dict:
     scores = evaluate.evaluate_run(params, val_set, config, model=model, mesh=mesh)
     summary = evaluate.summarise(scores, val_set.patient)
     if jax.process_index() == 0:
-        report.write_json_atomic(path, {**key, "val": summary})
+        files.write_json_atomic(path, {**key, "val": summary})
     return summary
 
 
@@ -275,6 +262,14 @@ def run_sweep(
     `out_dir` defaults to `<runs_dir>/<model>_x<scale>[_<cohort>]_<sweep>_sweep`.
     """
     swept, runs = plan_sweep(config, sweep, values, runs_dir)
+    out_dir = Path(out_dir if out_dir is not None else Path(runs_dir) / sweep_name(config, swept))
+    # One writer per sweep folder: a second sweep into it stops before training anything.
+    lock = workdir_lib.WorkdirLock(out_dir, what="ablation")
+    with lock if jax.process_index() == 0 else contextlib.nullcontext():
+        return _sweep(config, swept, runs, out_dir, progress)
+
+
+def _sweep(config, swept: Sweep, runs: list, out_dir: Path, progress: bool) -> dict:
     rows = []
     for value, run_config, workdir in runs:
         log.info("%s = %s: %s", swept.field, format_value(value), workdir)
@@ -303,10 +298,8 @@ def run_sweep(
         "log_scale": swept.log_scale,
         "runs": rows,
     }
-    if out_dir is None:
-        out_dir = Path(runs_dir) / sweep_name(config, swept)
     if jax.process_index() == 0:
-        write_sweep_outputs(table, Path(out_dir))
+        write_sweep_outputs(table, out_dir)
     return table
 
 
@@ -476,7 +469,7 @@ def training_curves_figure(table: dict):
 def write_sweep_outputs(table: dict, out_dir: Path) -> None:
     """ablation.json, ablation.md and the two figures, each through a temporary file."""
     out_dir = Path(out_dir)
-    report.write_json_atomic(out_dir / "ablation.json", table)
-    report.write_atomic(out_dir / "ablation.md", table_markdown(table).encode())
-    report.save_figure_atomic(metrics_figure(table), out_dir / f"metrics_vs_{table['sweep']}.png")
-    report.save_figure_atomic(training_curves_figure(table), out_dir / "training_curves.png")
+    files.write_json_atomic(out_dir / "ablation.json", table)
+    files.write_atomic(out_dir / "ablation.md", table_markdown(table).encode())
+    files.save_figure_atomic(metrics_figure(table), out_dir / f"metrics_vs_{table['sweep']}.png")
+    files.save_figure_atomic(training_curves_figure(table), out_dir / "training_curves.png")

@@ -1,52 +1,16 @@
 """What a finished run leaves for people: results.json, results.md and a comparison figure.
 
-Every file is written to a temporary name in the same folder and renamed, so an interruption never
-leaves a half-written result.
+Every file goes through `petsr_jax.files`, so an interruption never leaves a half-written result.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from petsr_jax import evaluate
-
-
-def write_atomic(path: Path, payload: bytes) -> Path:
-    """Write `payload` to `path` through a temporary sibling and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from collaborators
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: Path, obj) -> Path:
-    return write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def save_figure_atomic(fig, path: Path, **kwargs) -> Path:
-    """`fig.savefig` through a temporary file and a rename."""
-    import io as _io
-
-    buf = _io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
-    return write_atomic(path, buf.getvalue())
+from petsr_jax.evaluation.predict import predict_slices
+from petsr_jax.files import save_figure_atomic, write_atomic, write_json_atomic
 
 
 def _fmt(entry: dict, metric: str, digits: int) -> str:
@@ -191,7 +155,7 @@ def write_run_outputs(
     """results.json, results.md, per-slice scores and the test-slice figure of a finished run."""
     picks = figure_slices(test_set, config.eval.num_figure_slices)
     hr = np.asarray(test_set.hr[picks], np.float32)
-    lr_up, sr = evaluate.predict_slices(
+    lr_up, sr = predict_slices(
         params, hr, model=model, scale=config.scale, mesh=mesh, domain=config.data.domain
     )
     labels = [f"{test_set.patient[i]} z={test_set.slice_index[i]}" for i in picks]

@@ -86,7 +86,7 @@ def _how_to_provide(hub_cache: Path | None) -> str:
         f"downloads from https://huggingface.co/{HUB_REPO_ID} (on a machine with network: "
         f"`hf download {HUB_REPO_ID} {VGG_WEIGHTS_FILE} {LIN_WEIGHTS_FILE} --local-dir DIR`), "
         f"then set {WEIGHTS_ENV_VAR}=DIR or pass weights_dir=DIR{cache_hint}; or build them from "
-        "PyTorch weights with petsr_jax.lpips.write_weight_files."
+        "PyTorch weights with petsr_jax.metrics.perceptual.write_weight_files."
     )
 
 

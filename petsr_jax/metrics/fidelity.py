@@ -1,4 +1,4 @@
-"""Image-quality metrics on NHWC batches, one value per image: PSNR, SSIM, LPIPS.
+"""Fidelity to the original on NHWC batches, one value per image: MSE, PSNR, SSIM.
 
 Images are in the network's range: each volume divided by its own maximum (see
 `petsr_jax.data.normalise`), so the data range is 1. PSNR and SSIM are DeepMind's dm-pix
@@ -14,7 +14,8 @@ Masked variants restrict the average to a region (the brain): PSNR over the mask
 as the mean of the SSIM map over the masked pixels the 11×11 window fits around.
 
 The paper's 8-bit images are made by `petsr_jax.data.to_domain` and `petsr_jax.data.degrade`; the
-"paper" domain of `petsr_jax.evaluate` scores them /255 with `psnr` and `ssim(window="uniform")`.
+"paper" domain of `petsr_jax.evaluation.evaluate` scores them /255 with `psnr` and
+`ssim(window="uniform")`.
 """
 
 from __future__ import annotations
@@ -95,14 +96,3 @@ def ssim(x, y, mask=None, data_range: float = 1.0, window: str = "gaussian"):
     return jnp.sum(ssim_map * inner, axis=(1, 2, 3)) / jnp.maximum(
         jnp.sum(inner, axis=(1, 2, 3)), 1.0
     )
-
-
-def lpips(x, y, weights_dir: str | None = None):
-    """LPIPS (VGG) per image for NHWC images in [0, 1] (see `petsr_jax.lpips`).
-
-    Raises `petsr_jax.lpips.LPIPSUnavailable`, saying why and how to provide the weights, when
-    the VGG16 and linear-layer weights cannot be found.
-    """
-    from petsr_jax import lpips as lpips_module
-
-    return lpips_module.lpips(x, y, weights_dir=weights_dir)

@@ -37,6 +37,7 @@ asked for in a field that changes results is refused rather than silently reused
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,8 +50,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from petsr_jax import data, report, train
-from petsr_jax.config import FLAGS, build_config, config_differences, validate
+from petsr_jax import data, files, train
+from petsr_jax import workdir as workdir_lib
+from petsr_jax.config import FLAGS, build_config, validate
+from petsr_jax.evaluation import report
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ MODEL_ROW = {
 }
 MODEL_SHORT = {"srcnn": "SRCNN", "deepsr": "DeepSR", "deepsr_image": "DeepSR (image skip)"}
 METRICS = (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("lpips", "LPIPS", 3))
-# The same outputs mapped back per slice and scored per volume (petsr_jax.evaluate).
+# The same outputs mapped back per slice and scored per volume (petsr_jax.evaluation.evaluate).
 PHYSICAL_METRICS = (
     ("psnr_physical", "PSNR (dB)", 2),
     ("ssim_physical", "SSIM", 3),
@@ -209,24 +212,6 @@ def model_of(name: str) -> str:
     return VARIANTS[name][0] if name in VARIANTS else name
 
 
-def check_reusable(workdir: Path, config) -> None:
-    """Refuse a workdir that was started with a config that measures something else."""
-    path = workdir / "config.json"
-    if not path.exists():
-        return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReproduceError(f"{path} is unreadable ({e}); move the workdir away") from e
-    diffs = config_differences(recorded, config)
-    if diffs:
-        raise ReproduceError(
-            f"{workdir} was trained with a different config; reusing it would report another "
-            "protocol. Differences:\n  " + "\n  ".join(diffs) + "\n"
-            "Use another --runs folder, or move that workdir away."
-        )
-
-
 @dataclasses.dataclass
 class RunRecord:
     """One run as `reproduce` found and left it."""
@@ -258,7 +243,7 @@ def run_all(settings: Settings, configs: dict, *, progress: bool = True) -> dict
     }
     # Every workdir is checked before the first run starts, so a refusal costs no training.
     for key, config in configs.items():
-        check_reusable(workdirs[key], config)
+        workdir_lib.check_same_run(workdirs[key], config)
     records = {}
     for (model, scale), config in configs.items():
         workdir = workdirs[(model, scale)]
@@ -437,8 +422,9 @@ def physical_table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> s
 
 def regional_recovery(models: dict, records: dict, configs: dict, scale: int) -> dict:
     """Grey-matter and lesion activity errors (physical units) of bicubic and each model at
-    `scale`, on the test patients (`petsr_jax.evaluate.regional_recovery`)."""
-    from petsr_jax import evaluate, sharding
+    `scale`, on the test patients (`petsr_jax.evaluation.regional.regional_recovery`)."""
+    from petsr_jax import sharding
+    from petsr_jax.evaluation import regional
 
     mesh = sharding.make_mesh(jax.local_devices())
     srcnn = records[("srcnn", scale)]
@@ -448,7 +434,7 @@ def regional_recovery(models: dict, records: dict, configs: dict, scale: int) ->
     for (name, s), resolver in models.items():
         if s != scale:
             continue
-        result = evaluate.regional_recovery(
+        result = regional.regional_recovery(
             jax.device_get(resolver.params),
             root,
             patients,
@@ -594,7 +580,7 @@ def image_grid(path: Path, columns: Sequence[tuple[str, object]], row_labels, *,
             ax.set_yticks([])
         axes[i, 0].set_ylabel(row_labels[i])
     fig.tight_layout()
-    report.save_figure_atomic(fig, path, dpi=100)
+    files.save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
     return n_rows, n_cols
 
@@ -651,14 +637,16 @@ def table_name(scale: int) -> str:
 
 def _lpips_availability(configs) -> str:
     """Whether LPIPS weights are on this machine (never downloads), in one sentence."""
-    from petsr_jax import lpips
+    from petsr_jax.metrics import perceptual as lpips
 
     weights = next(iter(configs.values())).eval.lpips_weights or None
     found, where = lpips.lpips_availability(weights, allow_download=False)
     if found:
         return where
-    # The first sentence says where it looked; the rest (how to provide them) is in petsr_jax.lpips.
-    return f"weights not found ({where.split('. ')[0]}); see petsr_jax.lpips to provide them"
+    # The first sentence says where it looked; the rest (how to provide them) is in
+    # petsr_jax.metrics.perceptual.
+    where = where.split(". ")[0]
+    return f"weights not found ({where}); see petsr_jax.metrics.perceptual to provide them"
 
 
 def _data_description(config) -> str:
@@ -809,7 +797,21 @@ def reproduce(
         out_dir=Path(settings.out_dir),
     )
     configs = build_configs(settings)
-    records = run_all(settings, configs, progress=progress)
+    # One writer per output folder: a second reproduce into it stops before training anything.
+    with _writer_lock(settings.out_dir, "reproduce"):
+        return _tables_and_figures(
+            settings, configs, run_all(settings, configs, progress=progress), t_start, command
+        )
+
+
+def _writer_lock(folder: Path, what: str):
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return workdir_lib.WorkdirLock(folder, what=what)
+
+
+def _tables_and_figures(settings, configs, records, t_start: float, command) -> dict:
+    """Tables, figures and report.md of finished runs; the summary written to results.json."""
 
     models = load_models(records)
     tables, table_data = {}, {}
@@ -888,8 +890,8 @@ def reproduce(
     }
     if jax.process_index() == 0:
         for scale in settings.scales:
-            report.write_atomic(out / table_name(scale), tables[scale].encode())
-        report.write_json_atomic(out / "results.json", summary)
+            files.write_atomic(out / table_name(scale), tables[scale].encode())
+        files.write_json_atomic(out / "results.json", summary)
         text = report_markdown(settings, configs, records, tables, figures, enhancement, meta)
-        report.write_atomic(out / "report.md", text.encode())
+        files.write_atomic(out / "report.md", text.encode())
     return summary
