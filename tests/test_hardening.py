@@ -5,8 +5,8 @@ field, or leaves a run that a rerun of the same command completes.
   ends with the parameters of an uninterrupted run.
 - NaN / Inf in a patient's NIfTI volume or produced by a DICOM RescaleSlope: stopped at loading.
 - An unwritable, full or nearly full workdir: stopped before training.
-- A truncated checkpoint file, a damaged checkpoint metadata file, a checkpoint of another model
-  or a workdir of another config: `CheckpointError` saying what to do.
+- A truncated checkpoint file, a damaged checkpoint metadata file or a checkpoint of another
+  model: `CheckpointError` saying what to do; a workdir of another config: `WorkdirError`.
 - No pickle anywhere data or checkpoints are loaded.
 - Every output (results, figure, NIfTI, DICOM series) written whole or not at all.
 """
