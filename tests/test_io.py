@@ -9,6 +9,8 @@ the writer are each held to an implementation that is not theirs. The DICOM vali
 from __future__ import annotations
 
 import datetime
+import errno
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -454,6 +456,14 @@ def _one_slice_further(ds: Dataset) -> None:
     ds.ImagePositionPatient = list(ORIGIN + SLICES * SLICE_SPACING * NORMAL)
 
 
+def _zero_pixel_spacing(ds: Dataset) -> None:
+    ds.PixelSpacing = [0.0, 0.0]
+
+
+def _squashed_orientation(ds: Dataset) -> None:
+    ds.ImageOrientationPatient = [*ROW_DIRECTION, *(ROW_DIRECTION * 0.5)]
+
+
 @pytest.mark.parametrize(
     ("target", "change", "pattern"),
     [
@@ -463,6 +473,8 @@ def _one_slice_further(ds: Dataset) -> None:
         (4, _no_position, "ImagePositionPatient must hold 3 numbers"),
         (4, _first_position, "same position"),
         (SLICES - 1, _one_slice_further, "not evenly spaced"),
+        (2, _zero_pixel_spacing, r"PixelSpacing \[0.0, 0.0\] must be two positive sizes"),
+        (2, _squashed_orientation, "not two perpendicular unit vectors"),
     ],
 )
 def test_inconsistent_series_is_refused(tmp_path, target, change, pattern):
@@ -629,6 +641,200 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         io.write_nifti(
             volume.replace(meta={"source_path": str(tmp_path / "a.nii")}), tmp_path / "a.nii"
         )
+
+
+def test_write_nifti_refuses_an_existing_file_unless_told_to_overwrite(tmp_path):
+    volume = bare_volume()
+    path = tmp_path / "out.nii.gz"
+    io.write_nifti(volume, path)
+    before = path.read_bytes()
+    doubled = volume.replace(data=volume.data * 2)
+    with pytest.raises(io.ScanError, match=r"out\.nii\.gz: already exists; nothing written"):
+        io.write_nifti(doubled, path)
+    assert path.read_bytes() == before
+    io.write_nifti(doubled, path, overwrite=True)
+    np.testing.assert_allclose(io.read_volume(path).data, doubled.data, rtol=1e-6)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def _nifti_with_sform(path: Path, sform: np.ndarray) -> None:
+    """A NIfTI whose only geometry is `sform` (qform unset), as a damaged header can be."""
+    header = nib.Nifti1Header()
+    header.set_data_shape((COLUMNS, ROWS, SLICES))
+    header.set_data_dtype(np.float32)
+    header["srow_x"], header["srow_y"], header["srow_z"] = sform[:3]
+    header["sform_code"], header["qform_code"] = 1, 0
+    voxels = np.ones((COLUMNS, ROWS, SLICES), np.float32)
+    nib.save(nib.Nifti1Image(voxels, None, header), str(path))  # no affine: the header's stays
+
+
+@pytest.mark.parametrize(
+    ("sform", "pattern"),
+    [
+        (np.zeros((4, 4)), r"voxel sizes 0 x 0 x 0 mm; every size must be positive"),
+        (np.array([[2.0, 2.0, 0, 0], [0, 0, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]]), "singular"),
+        (np.diag([2.0, np.nan, 3.0, 1.0]), "NaN or infinite"),
+    ],
+    ids=["all-zero", "parallel-axes", "nan"],
+)
+def test_a_nifti_with_a_degenerate_affine_is_refused_on_read(tmp_path, sform, pattern):
+    path = tmp_path / "damaged.nii.gz"
+    _nifti_with_sform(path, sform)
+    for read in (io.read_volume, io.read_nifti_array):
+        with pytest.raises(io.ScanError, match=pattern) as error:
+            read(path)
+        assert str(error.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(
+    "volume",
+    [
+        bare_volume().replace(affine=np.zeros((4, 4))),
+        Volume(np.ones((SLICES, ROWS, COLUMNS)), spacing=(0.0, 1.5, 1.25), units="BQML"),
+    ],
+    ids=["zero-affine", "zero-spacing"],
+)
+def test_every_writer_refuses_a_degenerate_grid_in_one_line(tmp_path, volume):
+    writes = [
+        lambda: io.write_nifti(volume, tmp_path / "out.nii.gz"),
+        lambda: io.write_dicom(volume, tmp_path / "out"),
+        lambda: io.write_outputs(
+            volume, dicom_dir=tmp_path / "both", nifti_path=tmp_path / "both.nii.gz"
+        ),
+    ]
+    for write in writes:
+        with pytest.raises(io.ScanError, match="voxel sizes .* must be positive.*nothing written"):
+            write()
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tilted_positions(k: int, ds: Dataset) -> None:
+    """Slices stepping along the normal and sideways, the orientation left axial-like."""
+    sideways = SLICE_SPACING * np.tan(np.deg2rad(20.0)) * ROW_DIRECTION
+    ds.ImagePositionPatient = [float(v) for v in ORIGIN + k * (SLICE_SPACING * NORMAL + sideways)]
+
+
+def test_a_tilted_gantry_series_is_refused_with_its_tilt(tmp_path):
+    write_synthetic_series(tmp_path, edit=_tilted_positions)
+    with pytest.raises(io.ScanError, match=r"tilted-gantry series \(20 degrees\)"):
+        io.read_volume(tmp_path)
+
+
+def test_a_sheared_grid_is_written_to_nifti_exactly_and_refused_by_dicom(tmp_path):
+    volume = bare_volume()
+    sheared = volume.affine.copy()
+    sheared[:3, 2] += [0.0, 3.0 * np.tan(np.deg2rad(20.0)), 0.0]  # slices step sideways
+    volume = volume.replace(affine=sheared, space="RAS")
+    io.write_nifti(volume, tmp_path / "sheared.nii.gz")
+    header = nib.load(str(tmp_path / "sheared.nii.gz")).header
+    # The qform cannot hold a shear: unset rather than contradicting the sform.
+    assert int(header["qform_code"]) == 0 and int(header["sform_code"]) == 1
+    np.testing.assert_allclose(header.get_sform(), sheared, atol=1e-5)
+    np.testing.assert_allclose(
+        io.read_volume(tmp_path / "sheared.nii.gz").affine, sheared, atol=1e-5
+    )
+    with pytest.raises(io.ScanError, match="not stacked perpendicular .* nothing written"):
+        io.write_dicom(volume, tmp_path / "sheared")
+    assert not (tmp_path / "sheared").exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch):
+    """A folder nobody may write into.
+
+    A normal user gets a chmod; root ignores file modes, so for root every way the writers
+    create something inside the folder fails as the kernel would for a user (EACCES).
+    """
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+
+    def refuse_inside(target):
+        if Path(target).parent == folder:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(target))
+
+    real_mkdir, real_save = Path.mkdir, nib.save
+
+    def mkdir(path, *args, **kwargs):
+        refuse_inside(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def save(image, filename):
+        refuse_inside(filename)
+        return real_save(image, filename)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(nib, "save", save)
+    yield folder
+
+
+def _fill_the_disk(monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nib, "save", no_space)
+    monkeypatch.setattr(Dataset, "save_as", no_space)
+
+
+def test_write_errors_are_one_line_naming_the_target_and_the_cause(
+    tmp_path, read_only_folder, monkeypatch
+):
+    volume = bare_volume()
+    locked = read_only_folder
+    with pytest.raises(io.ScanError) as error:
+        io.write_nifti(volume, locked / "out.nii.gz")
+    assert (
+        str(error.value)
+        == f"{locked / 'out.nii.gz'}: cannot write the file (Permission denied); nothing written"
+    )
+    with pytest.raises(
+        io.ScanError, match=r"locked/out: cannot write the series \(Permission denied\)"
+    ):
+        io.write_dicom(volume, locked / "out")
+    assert list(locked.iterdir()) == []
+
+    _fill_the_disk(monkeypatch)
+    full = tmp_path / "full"
+    with pytest.raises(
+        io.ScanError,
+        match=r"out\.nii: cannot write the file \(No space left on device\); nothing written",
+    ):
+        io.write_nifti(volume, full / "out.nii")
+    with pytest.raises(
+        io.ScanError,
+        match=r"out: cannot write the series \(No space left on device\); nothing written",
+    ):
+        io.write_dicom(volume, full / "out")
+    assert list(full.iterdir()) == []
+
+
+def test_leftovers_of_interrupted_writes_are_skipped_by_readers_and_removed_by_writers(tmp_path):
+    out = tmp_path / "out"
+    write_synthetic_series(out / "patient_a")
+    # What kill -9 leaves: a partial series folder and a 0-byte NIfTI under temporary names.
+    child = subprocess.Popen(["true"])
+    child.wait()
+    dead = io.files.temporary_name(out / "patient_b")
+    dead = dead.with_name(dead.name.replace(f"-{os.getpid()}-", f"-{child.pid}-"))
+    shutil.copytree(out / "patient_a", dead)
+    dead_nifti = dead.with_name(dead.name + ".nii.gz")
+    dead_nifti.touch()
+    running = io.files.temporary_name(out / "patient_c")  # this process: still writing
+    shutil.copytree(out / "patient_a", running)
+    with pytest.warns(UserWarning, match="skipped 3 leftover") as warned:
+        volume = io.read_volume(out)
+    assert volume.shape == (SLICES, ROWS, COLUMNS)
+    assert all(p.name in str(warned[0].message) for p in (dead, dead_nifti, running))
+
+    with pytest.warns(UserWarning, match="removed 2 leftover"):
+        io.write_nifti(bare_volume(), out / "patient_d.nii.gz")
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["patient_a", "patient_d.nii.gz", running.name]
+    )
 
 
 @needs_nema

@@ -2,13 +2,14 @@
 
 Everything a user can get wrong about a scan (a folder holding several series, a truncated file,
 mixed slice sizes, a 4D NIfTI...) becomes one `ScanError` that names the file and the problem,
-before anything is written. Writers never leave half a result: they write under a temporary name
-beside the target and rename at the end.
+before anything is written. Writers never leave half a result and never replace an existing
+one: they write under a temporary name beside the target and rename at the end.
 
 One module per concern: `dicom` (series in folders), `nifti` (files), `units` (DICOM units and
-SUV), `geometry` (slice order, affines, LPS / RAS), `files` (temporary names, refusing to write
-into the input), `errors` (`ScanError`). Array conventions are in the `dicom` and `nifti` module
-docstrings; the SUV formula in `units`.
+SUV), `geometry` (slice order, affines, LPS / RAS, grids refused at the door), `files`
+(temporary names, all-or-nothing renames, leftovers of interrupted writes), `outputs` (a DICOM
+series and a NIfTI file of one scan written together, all or nothing), `errors` (`ScanError`).
+Array conventions are in the `dicom` and `nifti` module docstrings; the SUV formula in `units`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from petsr_jax.io.dicom import SeriesInfo, list_series, read_dicom_volume, write_dicom
 from petsr_jax.io.errors import ScanError
 from petsr_jax.io.nifti import is_nifti, read_nifti_array, read_nifti_volume, write_nifti
+from petsr_jax.io.outputs import write_outputs
 from petsr_jax.io.units import convert_units
 from petsr_jax.volume import Volume
 
@@ -29,6 +31,7 @@ __all__ = [
     "read_volume",
     "write_dicom",
     "write_nifti",
+    "write_outputs",
 ]
 
 

@@ -13,9 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,8 +31,17 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from petsr_jax.io.errors import ScanError
-from petsr_jax.io.files import refuse_source
-from petsr_jax.io.geometry import dicom_geometry, grid_affine
+from petsr_jax.io.files import (
+    Staged,
+    commit,
+    is_temporary,
+    refuse_existing_target,
+    refuse_source,
+    remove_stale_temporaries,
+    staging,
+    temporary_name,
+)
+from petsr_jax.io.geometry import dicom_geometry, grid_affine, grid_problem, is_sheared
 from petsr_jax.io.units import dicom_units, suv_bw_factor, units_from_dicom
 from petsr_jax.volume import Volume
 
@@ -103,7 +109,7 @@ def _scan_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], l
     """DICOM image headers under `folder`, grouped by SeriesInstanceUID, and the files ignored."""
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     ignored: list[Path] = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(_files_outside_temporaries(folder)):
         header = _read_header(path)
         if header is None or "SeriesInstanceUID" not in header:
             # pydicom reads a file cut inside its header without complaint; the file meta
@@ -125,6 +131,30 @@ def _scan_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, Dataset]]], l
             stacklevel=3,
         )
     return series, ignored
+
+
+def _files_outside_temporaries(folder: Path) -> list[Path]:
+    """Every file under `folder` except those in the writers' temporary names.
+
+    A write killed midway leaves a hidden, partial series beside its target; read as part of
+    the folder it would be a second PET series. The leftovers are named so the user can delete
+    them (the next write into their folder does so once their process is gone).
+    """
+    files, leftovers = [], set()
+    for path in folder.rglob("*"):
+        parts = path.relative_to(folder).parts
+        temporary = next((k for k, part in enumerate(parts) if is_temporary(part)), None)
+        if temporary is not None:
+            leftovers.add(folder.joinpath(*parts[: temporary + 1]))
+        elif path.is_file():
+            files.append(path)
+    if leftovers:
+        warnings.warn(
+            f"{folder}: skipped {len(leftovers)} leftover(s) of an interrupted write: "
+            + ", ".join(str(p.relative_to(folder)) for p in sorted(leftovers)),
+            stacklevel=4,
+        )
+    return files
 
 
 def _sop_class(header: Dataset) -> str:
@@ -419,7 +449,8 @@ def write_dicom(
     (signed when the volume has negative values) and read back within half a slope.
 
     The whole series is written into a temporary sibling folder, then renamed to `out_dir`;
-    an existing non-empty `out_dir`, or one inside the volume's source folder, is refused.
+    an existing non-empty `out_dir`, or one inside the volume's source folder, is refused, and
+    so is a grid DICOM cannot hold or this reader would refuse (sheared or degenerate).
     Reading the series back gives the slices in increasing position along the slice normal,
     which reverses the slice axis of a volume whose affine is left-handed.
 
@@ -427,35 +458,90 @@ def write_dicom(
       The written file paths, in slice order.
     """
     out_dir = Path(out_dir)
-    data = np.asarray(volume.data, np.float32)
-    n_slices, rows, columns = data.shape
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ScanError(f"{out_dir}: already exists and is not an empty folder; nothing written")
+    staged = stage_dicom(
+        volume, out_dir, series_description=series_description, series_number=series_number
+    )
+    commit([staged])
+    return [out_dir / name for name in _slice_names(volume.shape[0])]
+
+
+def stage_dicom(
+    volume: Volume,
+    out_dir: Path,
+    *,
+    series_description: str = "petsr_jax",
+    series_number: int | None = None,
+) -> Staged:
+    """Check everything, then write the series into a temporary folder for `commit` to rename."""
+    refuse_existing_target(out_dir)
     refuse_source(out_dir, volume)
+    data = np.asarray(volume.data, np.float32)
     if not np.all(np.isfinite(data)):
         raise ScanError(f"{out_dir}: the volume holds NaN or infinite values; nothing written")
     if len(series_description) > 64:
         raise ScanError(f"series_description is {len(series_description)} characters; max 64")
-    units, suv_type = dicom_units(volume.units)
+    geometry = _series_geometry(volume, out_dir)
+    shared = _shared_header(volume, geometry, series_description, series_number)
+    headers = volume.headers or []
+    per_slice_source = len(headers) == len(data)
+    temporary = temporary_name(out_dir)
+    with staging(out_dir, temporary, "series"):
+        temporary.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(temporary.parent)
+        temporary.mkdir()
+        for k, name in enumerate(_slice_names(len(data))):
+            slice_source = headers[k] if per_slice_source else (headers or [None])[0]
+            dataset = _slice_dataset(shared, data[k], k, geometry, slice_source, per_slice_source)
+            dataset.save_as(temporary / name, enforce_file_format=True)
+    return Staged(temporary, out_dir)
+
+
+def _slice_names(n_slices: int) -> list[str]:
+    return [f"slice_{k + 1:04d}.dcm" for k in range(n_slices)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeriesGeometry:
+    orientation: np.ndarray  # row direction, column direction
+    pixel_spacing: tuple[float, float]  # between rows, between columns
+    normal: np.ndarray
+    positions: np.ndarray  # [slices, 3], LPS mm
+
+
+def _series_geometry(volume: Volume, out_dir: Path) -> _SeriesGeometry:
+    """Orientation, spacing and slice positions of the grid, refused when DICOM cannot hold it."""
     affine = grid_affine(volume)
+    if problem := grid_problem(affine):
+        raise ScanError(f"{out_dir}: {problem}; nothing written")
     column_spacing, row_spacing = np.linalg.norm(affine[:3, :2], axis=0)
-    if min(column_spacing, row_spacing) <= 0:
-        raise ScanError(f"{out_dir}: the volume's affine has a zero in-plane axis")
     orientation = np.concatenate([affine[:3, 0] / column_spacing, affine[:3, 1] / row_spacing])
     if abs(orientation[:3] @ orientation[3:]) > 1e-4:
         raise ScanError(
             f"{out_dir}: the volume's in-plane axes are not perpendicular (sheared affine), "
-            "which DICOM cannot store"
+            "which DICOM cannot store; nothing written"
+        )
+    if is_sheared(affine):
+        raise ScanError(
+            f"{out_dir}: the volume's slices are not stacked perpendicular to their plane (a "
+            "sheared grid, e.g. a tilted gantry), which a PET series read back as one volume "
+            "cannot hold; nothing written"
         )
     normal = np.cross(orientation[:3], orientation[3:])
-    positions = affine[:3, 3] + np.arange(n_slices)[:, None] * affine[:3, 2]
+    positions = affine[:3, 3] + np.arange(volume.shape[0])[:, None] * affine[:3, 2]
+    return _SeriesGeometry(orientation, (row_spacing, column_spacing), normal, positions)
 
-    headers = volume.headers or []
-    source = headers[0] if headers else None
-    per_slice_source = len(headers) == n_slices
-    signed = bool(np.any(data < 0))
+
+def _shared_header(
+    volume: Volume,
+    geometry: _SeriesGeometry,
+    series_description: str,
+    series_number: int | None,
+) -> Dataset:
+    """The attributes every slice of the new series shares."""
+    n_slices, rows, columns = volume.shape
+    units, suv_type = dicom_units(volume.units)
+    source = volume.headers[0] if volume.headers else None
     created_date, created_time = _now()
-    series_uid = generate_uid()
 
     shared = Dataset()
     for keyword in _TYPE2_EMPTY:
@@ -481,7 +567,7 @@ def write_dicom(
         shared.FrameOfReferenceUID = generate_uid()
     shared.SOPClassUID = PositronEmissionTomographyImageStorage
     shared.Modality = "PT"
-    shared.SeriesInstanceUID = series_uid
+    shared.SeriesInstanceUID = generate_uid()
     shared.SeriesDescription = series_description
     if series_number is not None:
         shared.SeriesNumber = int(series_number)
@@ -492,56 +578,54 @@ def write_dicom(
     if suv_type is not None:
         shared.SUVType = suv_type
     shared.NumberOfSlices = n_slices
-    shared.ImageOrientationPatient = [_format_ds(v) for v in orientation]
-    shared.PixelSpacing = [_format_ds(row_spacing), _format_ds(column_spacing)]
+    shared.ImageOrientationPatient = [_format_ds(v) for v in geometry.orientation]
+    shared.PixelSpacing = [_format_ds(v) for v in geometry.pixel_spacing]
     shared.SamplesPerPixel = 1
     shared.PhotometricInterpretation = "MONOCHROME2"
     shared.Rows, shared.Columns = rows, columns
     shared.BitsAllocated, shared.BitsStored, shared.HighBit = 16, 16, 15
-    shared.PixelRepresentation = int(signed)
+    shared.PixelRepresentation = int(bool(np.any(volume.data < 0)))
     shared.RescaleIntercept = "0"
     if volume.series_uid:
         shared.DerivationDescription = f"petsr_jax, from series {volume.series_uid}"
+    return shared
 
-    temporary = out_dir.with_name(f".{out_dir.name}.{uuid.uuid4().hex}.tmp")
-    names = [f"slice_{k + 1:04d}.dcm" for k in range(n_slices)]
-    try:
-        temporary.mkdir(parents=True)
-        for k in range(n_slices):
-            dataset = copy.deepcopy(shared)
-            slice_source = headers[k] if per_slice_source else source
-            _copy_attributes(dataset, slice_source, _SLICE_LEVEL_COPY)
-            if "FrameReferenceTime" not in dataset:
-                dataset.FrameReferenceTime = "0"
-            if dataset.DecayCorrection != "NONE" and "DecayFactor" not in dataset:
-                # Type 1C: the source says images are decay corrected but not by how much;
-                # this series applies no further decay scaling of its own.
-                dataset.DecayFactor = "1"
-            if per_slice_source and "SOPInstanceUID" in slice_source:
-                reference = Dataset()
-                reference.ReferencedSOPClassUID = slice_source.get(
-                    "SOPClassUID", PositronEmissionTomographyImageStorage
-                )
-                reference.ReferencedSOPInstanceUID = slice_source.SOPInstanceUID
-                dataset.SourceImageSequence = DicomSequence([reference])
-            dataset.SOPInstanceUID = generate_uid()
-            dataset.InstanceNumber = k + 1
-            dataset.ImageIndex = k + 1
-            dataset.ImagePositionPatient = [_format_ds(v) for v in positions[k]]
-            dataset.SliceLocation = _format_ds(positions[k] @ normal)
-            stored, slope = _quantise(data[k], signed)
-            dataset.RescaleSlope = _format_ds(slope)
-            dataset.PixelData = stored.tobytes()
-            dataset.file_meta = FileMetaDataset()
-            dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
-            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-            dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            dataset.save_as(temporary / names[k], enforce_file_format=True)
-        os.rename(temporary, out_dir)
-    except OSError as error:
-        raise ScanError(f"{out_dir}: cannot write the series ({error}); nothing written") from error
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-    return [out_dir / name for name in names]
+
+def _slice_dataset(
+    shared: Dataset,
+    values: np.ndarray,
+    k: int,
+    geometry: _SeriesGeometry,
+    slice_source: Dataset | None,
+    per_slice_source: bool,
+) -> Dataset:
+    """Slice `k` of the series: its position, its own RescaleSlope and its source reference."""
+    dataset = copy.deepcopy(shared)
+    _copy_attributes(dataset, slice_source, _SLICE_LEVEL_COPY)
+    if "FrameReferenceTime" not in dataset:
+        dataset.FrameReferenceTime = "0"
+    if dataset.DecayCorrection != "NONE" and "DecayFactor" not in dataset:
+        # Type 1C: the source says images are decay corrected but not by how much;
+        # this series applies no further decay scaling of its own.
+        dataset.DecayFactor = "1"
+    if per_slice_source and "SOPInstanceUID" in slice_source:
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = slice_source.get(
+            "SOPClassUID", PositronEmissionTomographyImageStorage
+        )
+        reference.ReferencedSOPInstanceUID = slice_source.SOPInstanceUID
+        dataset.SourceImageSequence = DicomSequence([reference])
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.InstanceNumber = k + 1
+    dataset.ImageIndex = k + 1
+    dataset.ImagePositionPatient = [_format_ds(v) for v in geometry.positions[k]]
+    dataset.SliceLocation = _format_ds(geometry.positions[k] @ geometry.normal)
+    stored, slope = _quantise(values, signed=bool(dataset.PixelRepresentation))
+    dataset.RescaleSlope = _format_ds(slope)
+    dataset.PixelData = stored.tobytes()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return dataset

@@ -41,6 +41,77 @@ def _most_common(values: list):
     return values[keys.index(collections.Counter(keys).most_common(1)[0][0])]
 
 
+def _positive_pixel_spacing(header: Dataset, name) -> np.ndarray:
+    pixel_spacing = _floats(header, "PixelSpacing", name, 2)
+    if np.any(pixel_spacing <= 0):
+        raise ScanError(
+            f"{name}: PixelSpacing {pixel_spacing.tolist()} must be two positive sizes in mm"
+        )
+    return pixel_spacing
+
+
+def _orientation(header: Dataset, name) -> np.ndarray:
+    """ImageOrientationPatient, which must be two perpendicular unit vectors (row, column)."""
+    orientation = _floats(header, "ImageOrientationPatient", name, 6)
+    row_direction, column_direction = orientation[:3], orientation[3:]
+    unit = np.allclose(np.linalg.norm([row_direction, column_direction], axis=1), 1, atol=1e-3)
+    if not unit or abs(row_direction @ column_direction) > 1e-3:
+        raise ScanError(
+            f"{name}: ImageOrientationPatient {orientation.tolist()} is not two perpendicular "
+            "unit vectors; the header's geometry is damaged"
+        )
+    return orientation
+
+
+def _refuse_tilt(step: np.ndarray, normal: np.ndarray, name: str) -> None:
+    """Refuse slices that step sideways as well as along their normal (a tilted gantry).
+
+    Such a grid is sheared: NIfTI's qform cannot hold it and ITK-based readers drop or change
+    the shear, so carrying it into the outputs would place the enhanced scan elsewhere than
+    its source. Resampling it onto a grid perpendicular to the slices is left to the tools made
+    for it.
+    """
+    along = float(step @ normal)
+    sideways = float(np.linalg.norm(step - along * normal))
+    if sideways > _SLICE_STEP_TOLERANCE * abs(along) + 1e-3:
+        tilt = np.degrees(np.arctan2(sideways, abs(along)))
+        raise ScanError(
+            f"{name}: consecutive slices are {abs(along):.4g} mm apart along the slice normal "
+            f"but also shifted {sideways:.4g} mm within the slice plane, a tilted-gantry series "
+            f"({tilt:.3g} degrees); it is not supported: resample it onto slices perpendicular "
+            "to the stacking direction first (e.g. dcm2niix corrects gantry tilt)"
+        )
+
+
+def grid_problem(affine: np.ndarray) -> str | None:
+    """What makes an affine impossible for a scan (non-finite, a zero-length axis, axes in one
+    plane), or None when it is usable.
+
+    Such a header (e.g. an all-zero sform) is a damaged file; accepting it would run a whole
+    inference and fail only at the writers, or write outputs with no place in the patient.
+    """
+    affine = np.asarray(affine, np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        return "the voxel-to-mm affine holds NaN or infinite values"
+    voxel_sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(voxel_sizes <= 1e-6):
+        shown = " x ".join(f"{v:.4g}" for v in voxel_sizes)
+        return (
+            f"the voxel-to-mm affine gives voxel sizes {shown} mm; every size must be positive "
+            "(the geometry is missing or damaged)"
+        )
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-6 * np.prod(voxel_sizes):
+        return "the voxel-to-mm affine is singular (two voxel axes point the same way)"
+    return None
+
+
+def is_sheared(affine: np.ndarray) -> bool:
+    """Whether the voxel axes are not perpendicular, which NIfTI's qform cannot express."""
+    axes = np.asarray(affine, np.float64)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    return not np.allclose(axes.T @ axes, np.eye(3), atol=1e-4)
+
+
 def dicom_geometry(
     headers: Sequence[Dataset], names: Sequence
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -54,8 +125,8 @@ def dicom_geometry(
         if not header.get("Rows") or not header.get("Columns"):
             raise ScanError(f"{name}: Rows or Columns missing; the file may be truncated")
         sizes.append((int(header.Rows), int(header.Columns)))
-        pixel_spacings.append(_floats(header, "PixelSpacing", name, 2))
-        orientations.append(_floats(header, "ImageOrientationPatient", name, 6))
+        pixel_spacings.append(_positive_pixel_spacing(header, name))
+        orientations.append(_orientation(header, name))
         positions.append(_floats(header, "ImagePositionPatient", name, 3))
     # Compare each slice with the most common value, so the message names the odd file out.
     size = _most_common(sizes)
@@ -110,9 +181,10 @@ def dicom_geometry(
             )
         step = (positions[-1] - positions[0]) / (len(positions) - 1)
         slice_spacing = float(step @ normal)
+        _refuse_tilt(step, normal, f"{names[order[0]]} to {names[order[-1]]}")
     else:
-        slice_spacing = float(
-            headers[0].get("SpacingBetweenSlices") or headers[0].get("SliceThickness") or 1.0
+        slice_spacing = abs(
+            float(headers[0].get("SpacingBetweenSlices") or headers[0].get("SliceThickness") or 1)
         )
         step = normal * slice_spacing
     affine = np.eye(4)

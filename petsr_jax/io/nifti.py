@@ -8,16 +8,23 @@ stored on the PET grid line up pixel for pixel.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 
 from petsr_jax.io.errors import ScanError
-from petsr_jax.io.files import refuse_source
-from petsr_jax.io.geometry import LPS_TO_RAS, grid_affine
+from petsr_jax.io.files import (
+    Staged,
+    commit,
+    refuse_existing_target,
+    refuse_source,
+    remove_stale_temporaries,
+    staging,
+    temporary_name,
+)
+from petsr_jax.io.geometry import LPS_TO_RAS, grid_affine, grid_problem, is_sheared
 from petsr_jax.volume import Volume
 
 
@@ -45,7 +52,10 @@ def read_nifti_array(path) -> tuple[np.ndarray, np.ndarray]:
         slices = np.flatnonzero(bad.any(axis=(0, 1))).tolist()  # NIfTI k = our slice index
         shown = ", ".join(map(str, slices[:10])) + (" ..." if len(slices) > 10 else "")
         raise ScanError(f"{path}: {int(bad.sum())} voxels are NaN or infinite, in slices {shown}")
-    return np.ascontiguousarray(voxels.transpose(2, 1, 0)), np.asarray(image.affine, np.float64)
+    affine = np.asarray(image.affine, np.float64)
+    if problem := grid_problem(affine):
+        raise ScanError(f"{path}: {problem}; the header's geometry is damaged")
+    return np.ascontiguousarray(voxels.transpose(2, 1, 0)), affine
 
 
 def is_nifti(path: Path) -> bool:
@@ -94,36 +104,56 @@ def read_nifti_volume(path: Path) -> Volume:
     )
 
 
-def write_nifti(volume: Volume, path) -> Path:
+def write_nifti(volume: Volume, path, *, overwrite: bool = False) -> Path:
     """Write `volume` as a float32 NIfTI file (`.nii` or `.nii.gz`) and return its path.
 
     `nifti[i, j, k] = data[k, j, i]` with the volume's affine (converted from LPS to RAS for
     DICOM sources; a resized grid keeps the source's field of view, as in `write_dicom`), so
     `read_volume` gives back the same array and geometry. Units go into the header's description
     field (`units=BQML`), where `read_volume` finds them again. The file appears complete or not
-    at all (temporary name, then rename); an existing file is replaced, except the volume's own
-    source.
+    at all (temporary name, then rename). An existing file is refused unless `overwrite=True`;
+    the volume's own source is refused always.
     """
     path = Path(path)
+    commit([stage_nifti(volume, path, overwrite=overwrite)])
+    return path
+
+
+def stage_nifti(volume: Volume, path: Path, *, overwrite: bool = False) -> Staged:
+    """Check everything, then write the file under a temporary name for `commit` to rename."""
     if not is_nifti(path):
         raise ScanError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
     refuse_source(path, volume)
+    if not overwrite:
+        refuse_existing_target(path, " (pass overwrite=True to replace it)")
+    image = _nifti_image(volume, path)
+    temporary = temporary_name(path, _nifti_suffix(path))
+    with staging(path, temporary, "file"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        try:
+            nib.save(image, str(temporary))
+        except HeaderDataError as error:
+            raise ScanError(f"{path}: {error}; nothing written") from error
+    return Staged(temporary, path, replace=overwrite)
+
+
+def _nifti_image(volume: Volume, path: Path) -> nib.Nifti1Image:
     data = np.asarray(volume.data, np.float32)
     if not np.all(np.isfinite(data)):
         raise ScanError(f"{path}: the volume holds NaN or infinite values; nothing written")
     affine = LPS_TO_RAS @ grid_affine(volume)
+    if problem := grid_problem(affine):
+        raise ScanError(f"{path}: {problem}; nothing written")
     image = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
     sform_code, qform_code = volume.meta.get("nifti_codes", (1, 1))
     image.header.set_sform(affine, code=int(sform_code) or 1)
-    image.header.set_qform(affine, code=int(qform_code) or 1)
+    if is_sheared(affine):
+        # A qform is a rotation and zooms; it would silently drop the shear and disagree with
+        # the sform. Left unset, every reader takes the exact sform.
+        image.header.set_qform(None, code=0)
+    else:
+        image.header.set_qform(affine, code=int(qform_code) or 1)
     image.header.set_xyzt_units("mm", "sec")
     image.header["descrip"] = f"petsr_jax units={volume.units}"[:79].encode("ascii", "replace")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _nifti_suffix(path)
-    temporary = path.with_name(f".{path.name[: -len(suffix)]}.{uuid.uuid4().hex}.tmp{suffix}")
-    try:
-        nib.save(image, str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return image
