@@ -90,19 +90,15 @@ def _enhance_one(sr, volume, mode: str, progress) -> tuple[io.Volume, dict | Non
 
 
 def _write(job, volume, description: str) -> list[str]:
-    written = []
-    if job.dicom_dir is not None:
-        io.write_dicom(
-            volume,
-            job.dicom_dir,
-            series_description=description,
-            series_number=inference.series_number(volume),
-        )
-        written.append(str(job.dicom_dir))
-    if job.nifti_path is not None:
-        io.write_nifti(volume, job.nifti_path)
-        written.append(str(job.nifti_path))
-    return written
+    """Every format asked for, all or none: a failed NIfTI leaves no DICOM to block a rerun."""
+    written = io.write_outputs(
+        volume,
+        dicom_dir=job.dicom_dir,
+        nifti_path=job.nifti_path,
+        series_description=description,
+        series_number=inference.series_number(volume),
+    )
+    return [str(path) for path in written]
 
 
 def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, which) -> int:
