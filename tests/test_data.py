@@ -1,6 +1,7 @@
 """Data root, splits, normalisation, evaluation slices and the Grain training pipeline."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -36,6 +37,29 @@ def test_split_file_wins_and_is_checked(tmp_path):
         data.split_patients(ids, (1, 1, 1), split_file=str(f))
     with pytest.raises(data.DataError, match="needs 5 patients"):
         data.split_patients(ids, (3, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("counts", "num_patients"), [((2, 1, 1), 3), ((20, 4, 9), 10), ((20, 4, 9), 32), ((5, 0, 1), 2)]
+)
+def test_too_few_patients_suggests_a_split_that_works(counts, num_patients):
+    from petsr_jax.config import parse_split
+
+    ids = [f"p{i}" for i in range(num_patients)]
+    with pytest.raises(data.DataError, match=r"data\.split=(\d+/\d+/\d+)") as error:
+        data.split_patients(ids, counts)
+    suggested = re.search(r"data\.split=(\S+) ", str(error.value)).group(1)
+    fitted = parse_split(suggested)
+    assert fitted != counts and sum(fitted) == num_patients
+    split = data.split_patients(ids, fitted)
+    for name, wanted in zip(("train", "val", "test"), counts, strict=True):
+        assert len(split[name]) >= min(wanted, 1)
+
+
+def test_too_few_patients_for_any_split_says_so():
+    with pytest.raises(data.DataError, match="at least 3 are needed") as error:
+        data.split_patients(["a", "b"], (2, 1, 1))
+    assert "data.split=" not in str(error.value)
 
 
 def test_normalisation_is_invertible_and_bounded():

@@ -82,10 +82,7 @@ def split_patients(
             raise DataError(f"split file {split_file}: unknown patients {unknown}")
     else:
         if sum(counts) > len(ids):
-            raise DataError(
-                f"split {counts} needs {sum(counts)} patients but the data root has {len(ids)}; "
-                "set data.split (e.g. data.split=2/1/1)"
-            )
+            raise DataError(_too_few_patients(counts, len(ids)))
         order = np.random.default_rng(seed).permutation(len(ids))
         n_train, n_val, n_test = counts
         pick = [ids[i] for i in order]
@@ -101,6 +98,38 @@ def split_patients(
                 raise DataError(f"patient {p} is in both the {seen[p]} and {name} splits")
             seen[p] = name
     return split
+
+
+def fitting_split(counts: tuple[int, int, int], num_patients: int) -> tuple[int, int, int] | None:
+    """A split of `num_patients` in about the proportions of `counts`, or None when too few.
+
+    Every part `counts` asks for keeps at least one patient (train always does); the rest go
+    to the parts in proportion, leftovers to train. Used to suggest a split that works.
+    """
+    wanted = [max(c, 1) if i == 0 else c for i, c in enumerate(counts)]
+    minimum = [1 if c else 0 for c in wanted]
+    if num_patients < sum(minimum):
+        return None
+    share = [c * num_patients // sum(wanted) for c in wanted]
+    fitted = [max(s, m) for s, m in zip(share, minimum, strict=True)]
+    while sum(fitted) > num_patients:  # the minimums pushed it over: take from the largest
+        largest = max(range(3), key=lambda i: (fitted[i] - minimum[i], -i))
+        fitted[largest] -= 1
+    fitted[0] += num_patients - sum(fitted)
+    return tuple(fitted)  # type: ignore[return-value]
+
+
+def _too_few_patients(counts: tuple[int, int, int], num_patients: int) -> str:
+    """The error for a split larger than the data root, with a split that fits it."""
+    problem = f"split {counts} needs {sum(counts)} patients but the data root has {num_patients}"
+    fitted = fitting_split(counts, num_patients)
+    if fitted is None:
+        parts = [name for i, name in enumerate(("train", "val", "test")) if counts[i] or i == 0]
+        return (
+            f"{problem}; at least {len(parts)} are needed (one each for {', '.join(parts)}): "
+            "add patients to the data root"
+        )
+    return f"{problem}; set data.split={'/'.join(map(str, fitted))} to use all of them"
 
 
 @dataclasses.dataclass
@@ -165,7 +194,7 @@ def resolve_root(config) -> Path:
     """The data root a config names, generating the embedded cohort when none is given."""
     if config.data.root:
         return Path(config.data.root)
-    from petsr_jax import cohort
+    from petsr_jax.sim import cohort
 
     return cohort.ensure_cohort(config.data.cohort, seed=config.data.cohort_seed)
 
