@@ -13,13 +13,15 @@ FLOPs count 2 per multiply-add of every forward convolution, 3× that for a trai
 reported against the device's dense peak where it is known (GPUs), "n/a" on CPUs.
 """
 
-from petsr_jax import perf
+from petsr_jax import cpu
 
-perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
+cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
 
 import json  # noqa: E402
 
 from absl import app, flags  # noqa: E402
+
+from petsr_jax import benchmark  # noqa: E402
 
 _MODEL = flags.DEFINE_enum("model", "deepsr", ["srcnn", "deepsr"], "Network.")
 _BLOCKS = flags.DEFINE_integer("blocks", 20, "DeepSR residual blocks.")
@@ -34,7 +36,7 @@ _MODE = flags.DEFINE_enum(
 )
 _VOLUME = flags.DEFINE_bool("volume", False, "Shorthand for --mode=volume.")
 _PRECISION = flags.DEFINE_enum(
-    "precision", "fp32", sorted(perf.PRECISIONS), "Compute dtype; params stay float32."
+    "precision", "fp32", sorted(benchmark.PRECISIONS), "Compute dtype; params stay float32."
 )
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps (median reported); volumes for volume.")
 flags.DEFINE_alias("iters", "steps")
@@ -43,15 +45,16 @@ _WARMUP = flags.DEFINE_integer(
 )
 _REMAT = flags.DEFINE_bool("remat", False, "Recompute DeepSR block activations in backward.")
 _DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step.")
-_SCALE = flags.DEFINE_integer("scale", 8, "Downscaling factor of the degraded input (train).")
+_SCALE = flags.DEFINE_integer("scale", 8, "Downscaling factor of the degraded input.")
 _SLICES = flags.DEFINE_integer("slices", 89, "Slices of the volume (volume mode).")
 _CROP = flags.DEFINE_integer("crop", 0, "Random crop side, 0 = whole slices (loader mode).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Grain worker processes (loader mode).")
 _CONV = flags.DEFINE_enum(
     "conv",
     "auto",
-    ["auto", "xla", "cpu", "onednn"],
-    "Convolution implementation (auto: onednn on CPUs where it builds, else cpu).",
+    ["auto", "flax", "cpu", "onednn"],
+    "Convolution module (auto: flax's on GPUs; on one CPU device onednn where it builds, else "
+    "cpu, petsr_jax.cpu.fast_conv).",
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of text.")
 
@@ -60,7 +63,7 @@ def run() -> dict:
     mode = "volume" if _VOLUME.value else _MODE.value
     common = dict(steps=_STEPS.value, warmup=_WARMUP.value)
     if mode == "loader":
-        return perf.benchmark_loader(
+        return benchmark.benchmark_loader(
             _SIZE.value, _BATCH.value, crop=_CROP.value, workers=_WORKERS.value, **common
         )
     net = dict(
@@ -71,7 +74,7 @@ def run() -> dict:
         conv=_CONV.value,
     )
     if mode == "train":
-        return perf.benchmark_train(
+        return benchmark.benchmark_train(
             **net,
             precision=_PRECISION.value,
             remat=_REMAT.value,
@@ -80,15 +83,17 @@ def run() -> dict:
             **common,
         )
     if mode == "infer":
-        return perf.benchmark_infer(**net, precision=_PRECISION.value, **common)
-    return perf.benchmark_volume(**net, slices=_SLICES.value, precision=_PRECISION.value, **common)
+        return benchmark.benchmark_infer(**net, precision=_PRECISION.value, **common)
+    return benchmark.benchmark_volume(
+        **net, slices=_SLICES.value, precision=_PRECISION.value, scale=_SCALE.value, **common
+    )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     result = run()
-    print(json.dumps(result) if _JSON.value else perf.format_result(result))
+    print(json.dumps(result) if _JSON.value else benchmark.format_result(result))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ output inside the input, an existing output, an input in other units than the tr
 refused before the first file is written.
 """
 
-from petsr_jax import perf
+from petsr_jax import cpu
 
-perf.configure_cpu(relaunch=True)  # first: tcmalloc and XLA CPU flags (no-op on GPUs)
+cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags (no-op on GPUs)
 
 import sys  # noqa: E402
 

@@ -11,9 +11,9 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from petsr_jax import perf  # noqa: E402
+from petsr_jax import cpu  # noqa: E402
 
-perf.configure_cpu()  # the same XLA flags as the launch scripts (subprocess tests compare to us)
+cpu.configure()  # the same XLA flags as the launch scripts (subprocess tests compare to us)
 
 from absl import flags  # noqa: E402
 

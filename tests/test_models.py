@@ -1,11 +1,14 @@
-"""Model shapes, parameter counts and the two long-skip variants."""
+"""Model shapes, parameter counts, the two long-skip variants, the initialisations and which
+convolution module a config builds."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from petsr_jax.config import build_config
+from petsr_jax.cpu import fast_conv, resolve_conv
 from petsr_jax.models import SRCNN, DeepSR, count_params, create_model
 
 
@@ -94,10 +97,10 @@ def test_create_model_follows_the_config():
 # --------------------------------------------------------------------------------------------
 
 
-def _relative_init_change(initialization, skip, seed, conv="xla"):
+def _relative_init_change(initialization, skip, seed):
     """rms(output − input) / rms(input) of the full DeepSR 20×64 at initialisation."""
     x = jax.random.uniform(jax.random.key(100 + seed), (2, 32, 32, 1))
-    model = DeepSR(global_skip=skip, initialization=initialization, conv=conv)
+    model = DeepSR(global_skip=skip, initialization=initialization)
     params = model.init(jax.random.key(seed), x)["params"]
     y = model.apply({"params": params}, x)
     return float(jnp.sqrt(jnp.mean(jnp.square(y - x))) / jnp.sqrt(jnp.mean(jnp.square(x))))
@@ -108,15 +111,6 @@ def test_full_deepsr_starts_near_its_input_with_torch_init_and_explodes_with_fla
     for seed in range(3):
         assert _relative_init_change("torch", skip, seed) < 2.0
         assert _relative_init_change("flax", skip, seed) > 10.0
-
-
-def test_torch_init_is_the_same_on_every_convolution_path():
-    x = jnp.ones((1, 16, 16, 1))
-    params = {
-        conv: DeepSR(num_blocks=2, width=16, conv=conv).init(jax.random.key(3), x)["params"]
-        for conv in ("xla", "cpu")
-    }
-    jax.tree.map(np.testing.assert_array_equal, params["xla"], params["cpu"])
 
 
 def test_torch_init_draws_as_pytorch_conv2d_does():
@@ -166,3 +160,25 @@ def test_create_model_takes_init_and_residual_scale_from_the_config():
     model = create_model(build_config("deepsr", "init=flax,residual_scale=0.1"))
     assert (model.initialization, model.residual_scale) == ("flax", 0.1)
     assert create_model(build_config("deepsr")).global_skip == "feature"
+
+
+# --------------------------------------------------------------------------------------------
+# The convolution module: flax's wherever several devices or an accelerator compute
+# --------------------------------------------------------------------------------------------
+
+
+def test_conv_choice_follows_the_backend_and_the_device_count():
+    assert resolve_conv("auto", backend="gpu", devices=1) == "flax"
+    # Several CPU devices (this test session): flax's, the path every GPU runs.
+    assert resolve_conv("auto", backend="cpu", devices=4) == "flax"
+    assert resolve_conv("auto") == "flax"
+    assert resolve_conv("cpu", backend="cpu", devices=4) == "cpu"
+    assert resolve_conv("xla") == "flax"  # what older config.json files say
+    with pytest.raises(ValueError, match="model.conv"):
+        resolve_conv("fast")
+
+
+def test_create_model_builds_the_module_the_config_names():
+    for conv, module in (("auto", nn.Conv), ("flax", nn.Conv), ("xla", nn.Conv)):
+        assert create_model(build_config("srcnn", f"model.conv={conv}")).conv is module
+    assert create_model(build_config("deepsr", "model.conv=cpu")).conv is fast_conv.Conv

@@ -12,15 +12,15 @@ following ReLU or residual addition into the forward call as oneDNN post-ops was
 slower: 16.5 / 17.7 ms against 13.4 ms per 16×48×48×64 convolution.)
 
 The library is compiled on first use — once per machine, ~5 s with g++ — from the source shipped
-in the package against the oneDNN wheel (`onednn-cpu-gomp` and its headers, `onednn-devel-cpu-
-gomp`) and the XLA FFI headers that jaxlib ships, then cached under
-`$PETSR_CACHE_DIR/native` (default `~/.cache/petsr_jax/native`) by a hash of everything that
-went into it. When something is missing (no compiler, no oneDNN wheel, not x86-64 Linux),
-`available()` is False, `unavailable_reason()` says why, and `petsr_jax.models` falls back to
-`petsr_jax.fast_conv`. `PETSR_ONEDNN=0` turns the path off.
+in the package against the oneDNN wheels of the `cpu` extra (`pip install -e ".[cpu]"`:
+`onednn-cpu-gomp` and its headers, `onednn-devel-cpu-gomp`) and the XLA FFI headers that jaxlib
+ships, then cached under `$PETSR_CACHE_DIR/native` (default `~/.cache/petsr_jax/native`) by a
+hash of everything that went into it. When something is missing (no compiler, no oneDNN wheel,
+not x86-64 Linux), `available()` is False, `unavailable_reason()` says why, and
+`model.conv="auto"` falls back to `petsr_jax.cpu.fast_conv`. `PETSR_ONEDNN=0` turns it off.
 
-Only float32 on the CPU platform: other dtypes (bf16 compute) go through `fast_conv`; GPUs never
-get here (`models.resolve_conv`).
+`Conv` is `fast_conv.Conv` with its float32 convolutions computed here; other dtypes (bf16
+compute) keep `fast_conv`'s. GPUs never get here (`petsr_jax.cpu.resolve_conv`).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from petsr_jax.cpu import fast_conv
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,7 @@ def _find_in_dist(dist: str, suffix: str) -> Path:
         files = metadata.distribution(dist).files or []
     except metadata.PackageNotFoundError:
         raise OneDnnUnavailable(
-            f"the Python package {dist} is not installed (pip install {dist})"
+            f"the Python package {dist} is not installed (pip install -e '.[cpu]')"
         ) from None
     for f in files:
         if ("/" + str(f).replace("\\", "/")).endswith("/" + suffix):
@@ -161,7 +163,7 @@ def _load() -> tuple[bool, str]:
             capsule = jax.ffi.pycapsule(getattr(library, _SYMBOLS[kind]))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     except Exception as e:  # any failure here means: compute convolutions in XLA instead
-        log.warning("oneDNN convolutions unavailable, XLA computes them instead: %s", e)
+        log.warning("oneDNN convolutions unavailable, fast_conv computes them instead: %s", e)
         return False, str(e)
     return True, ""
 
@@ -198,7 +200,7 @@ def _backward(x, kernel, g):
 @jax.custom_vjp
 def conv2d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """`conv(x, kernel) + bias` in oneDNN: float32 NHWC input, HWIO kernel with odd sides,
-    stride 1, "SAME" padding — the same maths as `petsr_jax.fast_conv.conv2d_same`."""
+    stride 1, "SAME" padding — the same maths as `fast_conv.conv2d_same`."""
     _require()
     return jax.ffi.ffi_call(_TARGETS["forward"], _out(x, kernel))(x, kernel, bias)
 
@@ -224,3 +226,12 @@ def supports(x: jax.Array, kernel: jax.Array) -> bool:
         and kernel.shape[0] % 2 == 1
         and kernel.shape[1] % 2 == 1
     )
+
+
+class Conv(fast_conv.Conv):
+    """`fast_conv.Conv` whose float32 convolutions run in oneDNN (others keep `fast_conv`'s)."""
+
+    def convolve(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        if supports(x, kernel):
+            return conv2d_same(x, kernel, bias)
+        return super().convolve(x, kernel, bias)

@@ -1,30 +1,15 @@
-"""Speed: XLA CPU settings, FLOP accounting and the measurements behind `launch/benchmark.py`.
-
-`configure_cpu(relaunch=True)` is called by the launch scripts before JAX starts. It does two
-things, both process-wide and only on CPU:
-
-* XLA flags. jaxlib 0.10's default XLA:CPU pipeline hands convolutions to its YNNPACK fusions,
-  whose weight-gradient convolution is several times slower than Eigen's; turning them off
-  roughly doubles the DeepSR train step when XLA computes the convolutions (measured in
-  `../shared/notes/xla-cpu-performance.md` and by `launch/benchmark.py`). The flags are read
-  only when the backend starts, hence a function to call first thing.
-* The allocator (`use_tcmalloc`): XLA:CPU allocates each step's temporaries — about 0.6 GB
-  for DeepSR at 16×48×48 — as one block that glibc maps afresh and page-faults in every step.
-  Where tcmalloc is installed the script re-executes itself with it preloaded, which keeps the
-  block for reuse: the DeepSR train step ran 6–16 % faster (README, "Speed").
-  `PETSR_ALLOCATOR=system` keeps glibc.
+"""Measurements behind `launch/benchmark.py`: the train step, inference, volumes and the loader.
 
 The benchmarks time the project's own code paths: `petsr_jax.train.make_train_step` (degrade
-inside the jitted step, MSE, Adam), the model's forward pass, slice-batched inference over a
-whole volume (`make_batched_forward`), and the Grain training loader of `petsr_jax.data`. FLOPs
-count 2 per multiply-add of every convolution of the forward pass, 3× that for a train step,
-exactly as `../shared/bench/torch_reference.py` does, so the two scripts' `gflops_per_s` compare
-directly.
+inside the jitted step, MSE, Adam), the model's forward pass, a whole volume through
+`evaluation.predict.predict_slices` (what enhancing a scan runs), and the Grain training loader
+of `petsr_jax.data`. FLOPs count 2 per multiply-add of every convolution of the forward pass,
+3× that for a train step, exactly as `../shared/bench/torch_reference.py` does, so the two
+scripts' `gflops_per_s` compare directly. `conv` picks the convolution as `model.conv` does.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import resource
 import statistics
@@ -33,20 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 
-log = logging.getLogger(__name__)
-
-YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-
-# XLA:CPU flags per jaxlib (major, minor) they were measured on. A flag an XLA build does not
-# know aborts the process at start-up, so nothing is set for versions not measured here; after an
-# upgrade, measure with `launch/benchmark.py` and add the version.
-CPU_XLA_FLAGS: dict[tuple[int, int], str] = {
-    # Empty value: no YNNPACK fusions at all, convolutions (and their gradients) go to Eigen.
-    (0, 10): f"{YNN_FUSION_FLAG}=",
-}
-
-# Accelerator plugins whose presence means computations will not run on XLA:CPU.
-_ACCELERATOR_PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin", "jax-rocm7-plugin", "libtpu")
+from petsr_jax.cpu.runtime import tcmalloc_loaded, ynn_fusions_in
 
 # Dense peak TFLOP/s per device kind (substring of `device.device_kind`, first match wins) and
 # compute dtype, from the vendors' data sheets. "float32" is the TF32 tensor-core peak, which is
@@ -60,181 +32,6 @@ PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 )
 
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
-
-
-# --------------------------------------------------------------------------- XLA configuration
-
-
-def _jaxlib_version() -> tuple[int, int] | None:
-    from importlib import metadata
-
-    try:
-        major, minor = metadata.version("jaxlib").split(".")[:2]
-        return int(major), int(minor)
-    except (metadata.PackageNotFoundError, ValueError):
-        return None
-
-
-def _accelerator_expected(environ) -> bool:
-    """True when JAX will pick a GPU/TPU: an explicit platform list, else an installed plugin."""
-    platforms = environ.get("JAX_PLATFORMS", environ.get("JAX_PLATFORM_NAME", ""))
-    if platforms:
-        return platforms.split(",")[0].strip().lower() != "cpu"
-    from importlib import metadata
-
-    for name in _ACCELERATOR_PLUGINS:
-        try:
-            metadata.version(name)
-            return True
-        except metadata.PackageNotFoundError:
-            continue
-    return False
-
-
-# ------------------------------------------------------------------------------- the allocator
-
-ALLOCATOR_ENV = "PETSR_ALLOCATOR"
-# gperftools' tcmalloc, as Debian/Ubuntu (`libtcmalloc-minimal4`), Fedora and conda ship it.
-TCMALLOC_LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-
-
-def find_tcmalloc(search_dirs: Iterable[str] | None = None) -> str | None:
-    """Path of an installed tcmalloc shared library, or None.
-
-    Looks in this Python's prefix (conda environments), `$CONDA_PREFIX` and the system library
-    directories, in that order.
-    """
-    import sysconfig
-
-    if search_dirs is None:
-        multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-        search_dirs = [
-            os.path.join(sys.prefix, "lib"),
-            os.path.join(os.environ.get("CONDA_PREFIX", sys.prefix), "lib"),
-            *(os.path.join(root, multiarch) for root in ("/usr/lib", "/lib") if multiarch),
-            "/usr/lib64",
-            "/usr/lib",
-            "/usr/local/lib",
-        ]
-    for directory in search_dirs:
-        for name in TCMALLOC_LIBRARIES:
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def tcmalloc_loaded() -> bool:
-    """Whether this process runs on tcmalloc (it is mapped into the process)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            return any("libtcmalloc" in line for line in maps)
-    except OSError:
-        return False
-
-
-def _allocator_choice(environ) -> str:
-    choice = environ.get(ALLOCATOR_ENV, "tcmalloc").strip().lower() or "tcmalloc"
-    if choice not in ("tcmalloc", "system"):
-        raise ValueError(f"{ALLOCATOR_ENV} must be 'tcmalloc' or 'system', not {choice!r}")
-    return choice
-
-
-def _can_reexecute() -> bool:
-    """A script or `-m`/`-c` run can be re-executed with its argv; a REPL or notebook cannot."""
-    import multiprocessing
-
-    argv = getattr(sys, "orig_argv", None)
-    if not argv or len(argv) < 2 or hasattr(sys, "ps1") or sys.flags.interactive:
-        return False
-    if multiprocessing.parent_process() is not None:  # a worker: its parent decided
-        return False
-    return "ipykernel" not in sys.modules and sys.argv[0] not in ("", "-")
-
-
-def use_tcmalloc(execve: Callable = os.execve) -> bool:
-    """Run this process on tcmalloc: re-execute it once with tcmalloc in `LD_PRELOAD`.
-
-    Why: XLA:CPU allocates each step's temporaries — about 0.6 GB for DeepSR at 16×48×48 — as
-    one block from a worker thread. glibc serves a block that large from a fresh `mmap` every
-    step and unmaps it at the end, so every step first-touches 0.6 GB again (~143,000 page
-    faults, ~10 % of the step). tcmalloc keeps freed blocks for reuse, as PyTorch's CPU
-    allocator effectively does for its tensors. (glibc cannot be told to: its `mmap` threshold is
-    capped at 32 MiB, and keeping large blocks in its main arena fragmented the heap in about
-    one fresh process in five, to 4 GB.) The preload has to be in place before the process
-    starts, hence the re-execution: same interpreter, same arguments, same PID.
-
-    Returns True when the process already runs on tcmalloc, False when it stays on the system
-    allocator: `PETSR_ALLOCATOR=system`, no tcmalloc installed (`apt-get install
-    libtcmalloc-minimal4`), an accelerator run, a notebook or REPL, or a preload that did not
-    take. Does not return when it re-executes. Call it first thing in a script, before threads.
-    """
-    if tcmalloc_loaded():
-        return True
-    if _allocator_choice(os.environ) == "system" or sys.platform != "linux":
-        return False
-    if _accelerator_expected(os.environ) or not _can_reexecute():
-        return False
-    library = find_tcmalloc()
-    if library is None:
-        log.info(
-            "tcmalloc not found: CPU training runs ~10%% slower on glibc's allocator "
-            "(apt-get install libtcmalloc-minimal4; %s=system silences this)",
-            ALLOCATOR_ENV,
-        )
-        return False
-    preload = os.environ.get("LD_PRELOAD", "")
-    if library in preload.replace(":", " ").split():
-        log.warning("%s is in LD_PRELOAD but not loaded; staying on the system allocator", library)
-        return False
-    env = dict(os.environ, LD_PRELOAD=f"{library} {preload}".strip())
-    # tcmalloc reports every allocation over 1 GiB on stderr; XLA's temporaries for large
-    # batches are that big by design.
-    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 42))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
-    return False  # only reached when `execve` is replaced (tests)
-
-
-def configure_cpu(environ=None, *, relaunch: bool = False) -> str | None:
-    """Add the measured XLA:CPU flags to `XLA_FLAGS`; call before JAX's first computation.
-
-    With `relaunch=True` (the launch scripts) it first moves the process onto tcmalloc by
-    re-executing it (`use_tcmalloc`), so call it first thing. Does nothing (returns None) when an
-    accelerator will be used or when the JAX backend has already started (a warning then, since
-    the flags could no longer apply). The flags are left out when the running jaxlib was not
-    measured or the user's `XLA_FLAGS` already choose the YNN fusion setting. Returns the flag
-    string it added otherwise. `environ` defaults to `os.environ`; only then is this process
-    ever re-executed (another mapping is not this process's environment).
-    """
-    from jax._src import xla_bridge
-
-    this_process = environ is None
-    environ = os.environ if environ is None else environ
-    if _accelerator_expected(environ):
-        return None
-    started = xla_bridge.backends_are_initialized()
-    if relaunch and this_process and not started:
-        use_tcmalloc()
-    flags = CPU_XLA_FLAGS.get(_jaxlib_version() or (0, 0))
-    if flags is None or YNN_FUSION_FLAG in environ.get("XLA_FLAGS", ""):
-        return None
-    current = environ.get("XLA_FLAGS", "")
-    if started:
-        log.warning(
-            "JAX already started; %s not applied. Call petsr_jax.perf.configure_cpu() before "
-            "the first JAX computation (CPU training then runs about 2x slower).",
-            flags,
-        )
-        return None
-    environ["XLA_FLAGS"] = f"{current} {flags}".strip()
-    return flags
-
-
-def ynn_fusions_in(compiled_text: str) -> bool:
-    """Whether a compiled program's HLO text still routes work through YNNPACK fusions."""
-    return "ynn_fusion" in compiled_text
 
 
 # ---------------------------------------------------------------------------- FLOPs and peaks
@@ -363,12 +160,14 @@ def bench_config(
     scale: int = 8,
     conv: str = "auto",
 ):
-    """The project config for a benchmark run (the paper's networks at a given depth)."""
+    """The project config for a benchmark run (the paper's networks at a given depth), with
+    `model.conv` resolved to the convolution that will run ("flax", "cpu" or "onednn")."""
     from petsr_jax.config import build_config
+    from petsr_jax.cpu import resolve_conv
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
-    arg = f"scale={scale},compute_dtype={PRECISIONS[precision]},model.conv={conv}"
+    arg = f"scale={scale},compute_dtype={PRECISIONS[precision]},model.conv={resolve_conv(conv)}"
     if model == "deepsr":
         arg += f",model.num_blocks={blocks},model.remat={remat}"
     return build_config(model, arg)
@@ -435,7 +234,7 @@ def benchmark_train(
         "remat": remat,
         "donate": donate,
         "scale": scale,
-        "conv": net.conv,
+        "conv": config.model.conv,
         "steps": steps,
         "params": count_params(state.params),
         "ynn_fusions": ynn_fusions_in(compiled.as_text()),
@@ -455,7 +254,7 @@ def _model_and_params(model: str, blocks: int, precision: str, size: int, conv: 
     net = create_model(config)
     dummy = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
     params = net.init(jax.random.PRNGKey(seed), dummy)["params"]
-    return net, params
+    return config.model.conv, net, params
 
 
 def benchmark_infer(
@@ -476,7 +275,7 @@ def benchmark_infer(
 
     from petsr_jax.models import count_params
 
-    net, params = _model_and_params(model, blocks, precision, size, conv, seed)
+    conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
     forward = jax.jit(lambda p, x: net.apply({"params": p}, x))
     x = jax.device_put(np.random.default_rng(seed).random((batch, size, size, 1), np.float32))
     compiled = forward.lower(params, x).compile()
@@ -490,7 +289,7 @@ def benchmark_infer(
         "batch": batch,
         "mode": "infer",
         "precision": precision,
-        "conv": net.conv,
+        "conv": conv,
         "steps": steps,
         "params": count_params(params),
         "ynn_fusions": ynn_fusions_in(compiled.as_text()),
@@ -499,40 +298,6 @@ def benchmark_infer(
     _rates(result, times, batch, flops, device, PRECISIONS[precision])
     result.update(peak_memory(device, compiled))
     return result
-
-
-def make_batched_forward(apply_fn: Callable, params, batch_size: int):
-    """`run(slices) -> out` over `[N, H, W]` numpy slices, `batch_size` slices on device at once.
-
-    Batch k+1 is dispatched before batch k is copied back, so the copy overlaps the computation
-    and at most two batches' activations are alive: memory is bounded by `batch_size`, not by
-    the volume. A last, smaller batch gets its own compiled program (cached by `jax.jit` like the
-    first) rather than zero padding, so no slice is computed twice or for nothing.
-    `apply_fn(params, x)` maps NHWC to NHWC.
-    """
-    import jax
-    import numpy as np
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    forward = jax.jit(apply_fn)
-
-    def run(slices) -> np.ndarray:
-        n, h, w = slices.shape
-        out = np.empty((n, h, w), np.float32)
-        pending = None
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            chunk = np.asarray(slices[start:stop], np.float32)[..., None]
-            result = forward(params, chunk)  # asynchronous: returns before the work is done
-            if pending is not None:
-                out[pending[0] : pending[1]] = np.asarray(pending[2])[..., 0]
-            pending = (start, stop, result)
-        if pending is not None:
-            out[pending[0] : pending[1]] = np.asarray(pending[2])[..., 0]
-        return out
-
-    return run
 
 
 def benchmark_volume(
@@ -545,27 +310,34 @@ def benchmark_volume(
     precision: str = "fp32",
     steps: int = 1,
     warmup: int = 1,
+    scale: int = 8,
     conv: str = "auto",
     seed: int = 0,
 ) -> dict:
-    """Slices/s of a whole `[slices, size, size]` volume through the network, in slice batches.
+    """Slices/s of a whole `[slices, size, size]` volume, enhanced as users' scans are.
 
-    Timed from host numpy to host numpy, the way enhancing a scan runs. A warm-up runs one
-    full batch and the last partial one (compiling both programs), not whole volumes: a
-    384² volume takes minutes on a CPU.
+    Times `evaluation.predict.predict_slices` (degrade, then the network, in batches of `batch`
+    slices) from host numpy to host numpy. A warm-up runs one batch, not whole volumes (a 384²
+    volume takes minutes on a CPU): every batch, the last one included, has the same shape.
     """
     import jax
     import numpy as np
 
+    from petsr_jax import sharding
+    from petsr_jax.evaluation import predict
     from petsr_jax.models import count_params
 
-    net, params = _model_and_params(model, blocks, precision, size, conv, seed)
-    run = make_batched_forward(lambda p, x: net.apply({"params": p}, x), params, batch)
+    conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
+    mesh = sharding.make_mesh()
+
+    def run(slices):
+        return predict.predict_slices(
+            params, slices, model=net, scale=scale, mesh=mesh, batch_size=batch
+        )
+
     volume = np.random.default_rng(seed).random((slices, size, size), np.float32)
     for _ in range(warmup):
         run(volume[: min(batch, slices)])
-        if slices % batch:
-            run(volume[: slices % batch])
     times = time_calls(lambda: run(volume), steps, 0)
     device = jax.devices()[0]
     result = {
@@ -577,7 +349,7 @@ def benchmark_volume(
         "slices": slices,
         "mode": "volume",
         "precision": precision,
-        "conv": net.conv,
+        "conv": conv,
         "steps": steps,
         "params": count_params(params),
     }

@@ -1,8 +1,8 @@
 """A stride-1 "SAME" convolution with bias whose backward pass is cheaper on XLA:CPU.
 
-`Conv` is a drop-in for the `flax.linen.Conv` the networks use (same `kernel`/`bias` parameters,
-shapes, initialisers and dtype handling, so checkpoints and parameter trees are unchanged); only
-how the backward pass is written differs, through `conv2d_same`'s custom VJP:
+`Conv` is a drop-in for the `flax.linen.Conv` the networks use (same call, same `kernel`/`bias`
+parameters, shapes, initialisers and dtype handling, so checkpoints and parameter trees are
+unchanged); only how the backward pass is written differs, through `conv2d_same`'s custom VJP:
 
 * bias gradient — autodiff reduces the `[N, H, W, C]` output gradient over three leading axes,
   which XLA:CPU lowers to a windowed reduction about 8× slower than needed (1.8 ms against
@@ -20,11 +20,11 @@ how the backward pass is written differs, through `conv2d_same`'s custom VJP:
   strips that act as extra images (`kernel_gradient`): 20 % faster at 4×96×96, 3× at 1×128×128.
 
 The DeepSR train step gains about 2 % at 16×48×48 and more at small batches (the convolutions
-themselves are ~95 % of it). The
-maths is unchanged; gradients agree with `jax.grad` of the plain convolution to float32 rounding
-(`tests/test_perf.py`). On GPUs XLA's autodiff is cuDNN-backed and fast, so `create_model` only
-selects this path on CPU (`model.conv="auto"`), and there only where the faster oneDNN path
-(`petsr_jax.onednn`, which this module dispatches to with `impl="onednn"`) is unavailable.
+themselves are ~95 % of it). The maths is unchanged; gradients agree with `jax.grad` of the
+plain convolution to float32 rounding (`tests/test_fast_conv.py`). On GPUs XLA's autodiff is
+cuDNN-backed and fast, so `model.conv="auto"` takes this path only on one CPU device, and there
+only where the faster oneDNN path (`petsr_jax.cpu.onednn`, whose `Conv` extends this one) is
+unavailable.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ conv2d_same.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
 
 
 class Conv(nn.Module):
-    """`nn.Conv(features, kernel_size, padding="SAME")` computed by `conv2d_same`.
+    """`flax.linen.Conv(features, kernel_size, padding="SAME")` computed by `conv2d_same`.
 
     Parameters, their names, shapes, initialisers and dtype promotion match `nn.Conv`, so a
     network built with either holds identical parameters for the same RNG.
@@ -118,27 +118,27 @@ class Conv(nn.Module):
 
     features: int
     kernel_size: tuple[int, int]
+    padding: str = "SAME"
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
-    # "cpu": `conv2d_same` below; "onednn": `petsr_jax.onednn.conv2d_same` for float32 operands
-    # (anything else, e.g. bf16 compute, still takes `conv2d_same`).
-    impl: str = "cpu"
+
+    def convolve(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        """`conv(x, kernel) + bias`; subclasses compute it elsewhere."""
+        return conv2d_same(x, kernel, bias)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kh, kw = self.kernel_size
-        if kh % 2 == 0 or kw % 2 == 0:
-            raise ValueError(f"Conv needs odd kernel sides for SAME padding, got {(kh, kw)}")
+        if self.padding != "SAME" or kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(
+                f"{type(self).__name__} computes stride-1 'SAME' convolutions with odd kernel "
+                f"sides, got padding={self.padding!r}, kernel_size={(kh, kw)}"
+            )
         kernel = self.param(
             "kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features), self.param_dtype
         )
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        if self.impl == "onednn":
-            from petsr_jax import onednn
-
-            if onednn.supports(x, kernel):
-                return onednn.conv2d_same(x, kernel, bias)
-        return conv2d_same(x, kernel, bias)
+        return self.convolve(x, kernel, bias)

@@ -1,0 +1,73 @@
+"""The paper's two networks and the one place a config becomes one of them.
+
+`create_model(config)` builds SRCNN or DeepSR with the convolution module `model.conv` names:
+flax's `nn.Conv` (`"flax"`; `"xla"` in older config.json files), a CPU kernel from
+`petsr_jax.cpu` (`"cpu"`, `"onednn"`), or `"auto"`, which `petsr_jax.cpu.resolve_conv` settles
+by backend. The choice changes how convolutions are computed, never the parameters, so a
+checkpoint trained with one loads with any other.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from petsr_jax.models.deepsr import DeepSR, ResidualBlock
+from petsr_jax.models.layers import INITS, ConvModule, initializers
+from petsr_jax.models.srcnn import SRCNN
+
+__all__ = [
+    "CONVS",
+    "INITS",
+    "MODELS",
+    "DeepSR",
+    "ResidualBlock",
+    "SRCNN",
+    "conv_module",
+    "count_params",
+    "create_model",
+    "initializers",
+]
+
+MODELS = {"srcnn": SRCNN, "deepsr": DeepSR}
+# Values of config `model.conv`; "xla" is what older config.json files call "flax".
+CONVS = ("auto", "flax", "cpu", "onednn", "xla")
+
+
+def conv_module(conv: str = "auto") -> ConvModule:
+    """The convolution module class for `model.conv`; `petsr_jax.cpu` loads only when asked."""
+    if conv not in CONVS:
+        raise ValueError(f"model.conv must be one of {CONVS}, got {conv!r}")
+    if conv in ("flax", "xla"):
+        return nn.Conv
+    from petsr_jax import cpu
+
+    return cpu.conv_module(cpu.resolve_conv(conv))
+
+
+def create_model(config) -> nn.Module:
+    """The network a config names (`config.model.name` plus its fields)."""
+    m = config.model
+    dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+    conv = conv_module(m.get("conv", "auto"))
+    if m.name == "srcnn":
+        return SRCNN(out_channels=1, dtype=dtype, conv=conv, initialization=m.init)
+    if m.name == "deepsr":
+        return DeepSR(
+            num_blocks=m.num_blocks,
+            width=m.width,
+            out_channels=1,
+            global_skip=m.global_skip,
+            remat=m.remat,
+            dtype=dtype,
+            conv=conv,
+            initialization=m.init,
+            residual_scale=m.residual_scale,
+        )
+    raise ValueError(f"unknown model {m.name!r}; choose one of {sorted(MODELS)}")
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a params pytree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
