@@ -149,13 +149,13 @@ def table(scores: dict[int, np.ndarray]) -> str:
 
 def main(argv):
     del argv
-    from petsr_jax.sim import cohort
+    from petsr_jax import sim
 
     scales = tuple(int(s) for s in _SCALES.value)
     if _ROOT.value:
         root = Path(_ROOT.value)
     else:
-        root = cohort.ensure_cohort(_PRESET.value, seed=_SEED.value)
+        root = sim.ensure_cohort(_PRESET.value, seed=_SEED.value)
     scores, n = measure_root(root, scales, _PATIENTS.value)
     print(f"\n{root}: {n} patients, bicubic down and up (PIL), 8-bit min–max slices\n")
     print(table(scores))

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from absl import app, flags
 
-from petsr_jax.sim import cohort
+from petsr_jax import sim
 
-_PRESET = flags.DEFINE_enum("preset", "paper", sorted(cohort.PRESETS), "Cohort size preset.")
+_PRESET = flags.DEFINE_enum("preset", "paper", sorted(sim.PRESETS), "Cohort size preset.")
 _ROOT = flags.DEFINE_string(
-    "root", None, "Data root (default: $PETSR_DATA_DIR or ~/.cache/petsr_jax, per preset/seed)."
+    "root",
+    None,
+    "Data root (default: $PETSR_DATA_DIR or ~/.cache/petsr_jax, per preset, seed and version).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Cohort seed: same seed, same cohort.")
 _MONTAGE = flags.DEFINE_string("montage", None, "PNG path (default: <root>/montage.png).")
@@ -29,13 +31,13 @@ def _disk_usage(root: Path) -> int:
 
 def main(argv):
     del argv
-    spec = cohort.PRESETS[_PRESET.value]
-    root = Path(_ROOT.value) if _ROOT.value else cohort.default_root(_PRESET.value, _SEED.value)
+    spec = sim.PRESETS[_PRESET.value]
+    root = Path(_ROOT.value) if _ROOT.value else sim.default_root(_PRESET.value, _SEED.value)
     existed = (root / "cohort.json").is_file()
     start = time.perf_counter()
-    root = cohort.ensure_cohort(_PRESET.value, root=root, seed=_SEED.value, workers=_WORKERS.value)
+    root = sim.ensure_cohort(_PRESET.value, root=root, seed=_SEED.value, workers=_WORKERS.value)
     seconds = time.perf_counter() - start
-    montage = cohort.save_montage(root, _MONTAGE.value)
+    montage = sim.save_montage(root, _MONTAGE.value)
     print(f"cohort: {root}")
     print(
         f"size: {spec.n_patients} patients × {spec.n_slices} slices × {spec.size}², "

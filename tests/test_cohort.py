@@ -9,8 +9,10 @@ interpolation against PIL's bicubic resize.
 import dataclasses
 import functools
 import json
+import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -20,12 +22,12 @@ from scipy import ndimage as ndi
 from skimage.data import shepp_logan_phantom
 from skimage.transform import radon, resize
 
-from petsr_jax import io
-from petsr_jax.sim import cohort, scanner
+from petsr_jax import io, sim
+from petsr_jax.sim import acquisition, cohort, scanner
 
-TINY = cohort.PRESETS["tiny"]
+TINY = sim.PRESETS["tiny"]
 # Twelve 2.78 mm slices from the cerebellum to the basal ganglia, at 1.56 mm pixels.
-SLAB = cohort.CohortSpec(
+SLAB = sim.CohortSpec(
     n_patients=4,
     n_slices=12,
     size=192,
@@ -38,13 +40,13 @@ SLAB = cohort.CohortSpec(
 
 @functools.cache
 def patient(spec, index, seed=0):
-    return cohort.generate_patient(spec, index, seed)
+    return sim.generate_patient(spec, index, seed)
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohorts") / "tiny"
-    return cohort.ensure_cohort("tiny", root=root, seed=0, progress=False, workers=1)
+    return sim.ensure_cohort("tiny", root=root, seed=0, progress=False, workers=1)
 
 
 def tissue_core(labels, code, spacing, depth_mm):
@@ -98,7 +100,8 @@ def test_osem_recovers_activity_quantitatively():
 def test_display_interpolation_matches_pil_bicubic():
     rng = np.random.default_rng(0)
     images = ndi.gaussian_filter(rng.random((2, 48, 48)), (0, 2, 2)).astype(np.float32)
-    ours = cohort.resample_matrix(48, 96) @ images[0] @ cohort.resample_matrix(48, 96).T
+    resample = acquisition.resample_matrix(48, 96)
+    ours = resample @ images[0] @ resample.T
     reference = np.asarray(Image.fromarray(images[0]).resize((96, 96), Image.BICUBIC))
     # PIL and the matrix differ only in how they extend the image past its border.
     np.testing.assert_allclose(ours[4:-4, 4:-4], reference[4:-4, 4:-4], atol=1e-5)
@@ -110,7 +113,7 @@ def test_display_interpolation_matches_pil_bicubic():
 
 
 def test_same_seed_same_patient_and_patients_differ():
-    first, again = patient(TINY, 1), cohort.generate_patient(TINY, 1, 0)
+    first, again = patient(TINY, 1), sim.generate_patient(TINY, 1, 0)
     for key in ("pet", "activity", "t1", "mask", "labels", "lesions"):
         np.testing.assert_array_equal(first[key], again[key], err_msg=key)
     assert first["facts"] == again["facts"]
@@ -127,7 +130,7 @@ def test_shapes_types_and_geometry():
     for key, dtype in (("pet", np.float32), ("t1", np.float32), ("mask", np.uint8),
                        ("labels", np.uint8), ("lesions", np.uint8)):  # fmt: skip
         assert result[key].shape == shape and result[key].dtype == dtype, key
-    assert set(np.unique(result["labels"])) <= set(cohort.LABELS)
+    assert set(np.unique(result["labels"])) <= set(sim.LABELS)
     assert result["pet"].min() >= 0
     affine = result["geometry"]["affine"]
     np.testing.assert_allclose(np.linalg.norm(affine[:3, :3], axis=0), TINY.spacing[::-1])
@@ -211,7 +214,7 @@ def test_lesions_are_hot_or_cold_against_their_surroundings():
     kinds = set()
     for index in (0, 3):
         result = patient(SLAB, index)
-        x, y, z = cohort.grid_axes(SLAB, SLAB.size)
+        x, y, z = sim.grid_axes(SLAB, SLAB.size)
         for lesion in result["facts"]["lesions"]:
             inside = result["lesions"] == lesion["label"]
             cx, cy, cz = lesion["centre_mm"]
@@ -241,9 +244,9 @@ def test_lesions_are_hot_or_cold_against_their_surroundings():
 
 def test_disk_round_trip_equals_generated_data(tiny_root):
     description = json.loads((tiny_root / "cohort.json").read_text())
-    assert description["generator"] == cohort.GENERATOR and description["seed"] == 0
+    assert description["generator"] == sim.GENERATOR and description["seed"] == 0
     assert [p["patient_id"] for p in description["patients"]] == [
-        cohort.patient_id(i) for i in range(TINY.n_patients)
+        sim.patient_id(i) for i in range(TINY.n_patients)
     ]
     generated = patient(TINY, 0)
     assert description["patients"][0]["lesions"] == json.loads(
@@ -288,22 +291,23 @@ def test_dicom_series_passes_the_pet_iod_validator(tiny_root):
     assert [line for line in report.splitlines() if line.startswith("Error")] == []
 
 
-def test_finished_root_is_reused_and_checked(tiny_root, monkeypatch):
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a finished cohort was generated again")
+def _must_not_generate(*args, **kwargs):
+    raise AssertionError("a finished cohort was generated again")
 
-    monkeypatch.setattr(cohort, "generate_cohort", must_not_run)
-    assert cohort.ensure_cohort("tiny", root=tiny_root, progress=False) == tiny_root
+
+def test_finished_root_is_reused_and_checked(tiny_root, monkeypatch):
+    monkeypatch.setattr(cohort, "generate_cohort", _must_not_generate)
+    assert sim.ensure_cohort("tiny", root=tiny_root, progress=False) == tiny_root
     with pytest.raises(ValueError, match="seed"):
-        cohort.ensure_cohort("tiny", root=tiny_root, seed=7, progress=False)
+        sim.ensure_cohort("tiny", root=tiny_root, seed=7, progress=False)
     with pytest.raises(ValueError, match="unknown cohort preset"):
-        cohort.ensure_cohort("huge", root=tiny_root)
+        sim.ensure_cohort("huge", root=tiny_root)
 
 
 def test_foreign_folder_is_not_overwritten(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="no cohort.json"):
-        cohort.generate_cohort(TINY, tmp_path, progress=False, workers=1)
+        sim.generate_cohort(TINY, tmp_path, progress=False, workers=1)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -320,21 +324,69 @@ def test_interrupted_generation_leaves_nothing_finished(tmp_path, monkeypatch):
     monkeypatch.setattr(cohort, "write_patient", write_then_fail)
     root = tmp_path / "cohort"
     with pytest.raises(KeyboardInterrupt):
-        cohort.generate_cohort(spec, root, progress=False, workers=1)
+        sim.generate_cohort(spec, root, progress=False, workers=1)
     assert written  # one patient was on disk before the interruption
     assert not root.exists()
     assert list(tmp_path.iterdir()) == []  # the partial folder is gone too
 
 
-def test_default_root_follows_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv(cohort.DEFAULT_ROOT_ENV, str(tmp_path))
-    assert cohort.default_root("small", 3) == tmp_path / "cohort-small-seed3"
-    monkeypatch.delenv(cohort.DEFAULT_ROOT_ENV)
-    assert cohort.default_root("paper", 0).name == "cohort-paper-seed0"
+def test_default_root_follows_environment_and_version(monkeypatch, tmp_path):
+    monkeypatch.setenv(sim.DEFAULT_ROOT_ENV, str(tmp_path))
+    assert sim.default_root("small", 3) == tmp_path / f"cohort-small-seed3-v{sim.VERSION}"
+    monkeypatch.setattr(cohort, "VERSION", "7")
+    assert sim.default_root("small", 3).name == "cohort-small-seed3-v7"
+    monkeypatch.delenv(sim.DEFAULT_ROOT_ENV)
+    assert sim.default_root("paper", 0).parent == Path.home() / ".cache" / "petsr_jax"
+
+
+def _described_as(root, **fields):
+    description = json.loads((root / "cohort.json").read_text())
+    return {key: description[key] for key in fields} == fields
+
+
+def test_cohort_of_another_version_is_left_beside_a_new_one(tiny_root, monkeypatch, tmp_path):
+    monkeypatch.setenv(sim.DEFAULT_ROOT_ENV, str(tmp_path))
+    # The caches this version wrote, and one from before folder names held the version.
+    current, cached = cohort.VERSION, sim.default_root("tiny", 0)
+    shutil.copytree(tiny_root, cached)
+    unversioned = tmp_path / "cohort-tiny-seed0"
+    shutil.copytree(tiny_root, unversioned)
+    # The generator moves on: a new version (here with a one-patient tiny preset, to be quick).
+    monkeypatch.setattr(cohort, "VERSION", "3")
+    monkeypatch.setitem(sim.PRESETS, "tiny", dataclasses.replace(TINY, n_patients=1))
+
+    root = sim.ensure_cohort("tiny", seed=0, progress=False, workers=1)
+
+    assert root == tmp_path / "cohort-tiny-seed0-v3"
+    assert _described_as(root, version="3", n_patients=1)
+    for old in (cached, unversioned):
+        assert _described_as(old, version=current, n_patients=TINY.n_patients)
+    monkeypatch.setattr(cohort, "generate_cohort", _must_not_generate)
+    assert sim.ensure_cohort("tiny", seed=0, progress=False) == root
+
+
+def test_damaged_cohort_names_the_folder_to_delete(tiny_root, tmp_path):
+    root = tmp_path / "cohort"
+    shutil.copytree(tiny_root, root)
+    deleting = re.escape(f"delete {root} to regenerate it")
+    (root / "labels" / "sub-003.nii.gz").unlink()
+    with pytest.raises(ValueError, match=f"damaged cohort.*sub-003.nii.gz.*{deleting}"):
+        sim.ensure_cohort("tiny", root=root, progress=False)
+    shutil.copy(tiny_root / "labels" / "sub-003.nii.gz", root / "labels")
+    sim.ensure_cohort("tiny", root=root, progress=False)
+    min(root.glob("sub-002/*.dcm")).unlink()  # a series short of a slice
+    with pytest.raises(ValueError, match=f"damaged cohort.*sub-002.*{deleting}"):
+        sim.ensure_cohort("tiny", root=root, progress=False)
+    (root / "cohort.json").write_text('{"generator": ')
+    with pytest.raises(ValueError, match=f"unreadable cohort description.*{deleting}"):
+        sim.ensure_cohort("tiny", root=root, progress=False)
+    (root / "cohort.json").write_text('{"version": "2"}')
+    with pytest.raises(ValueError, match=f"not a cohort description.*{deleting}"):
+        sim.ensure_cohort("tiny", root=root, progress=False)
 
 
 def test_montage_is_written(tiny_root, tmp_path):
-    path = cohort.save_montage(tiny_root, tmp_path / "montage.png", n_patients=2)
+    path = sim.save_montage(tiny_root, tmp_path / "montage.png", n_patients=2)
     with Image.open(path) as image:
         assert image.format == "PNG" and min(image.size) > 300
     assert [p.name for p in tmp_path.iterdir()] == ["montage.png"]
@@ -348,7 +400,6 @@ def test_montage_is_written(tiny_root, tmp_path):
 @functools.cache
 def difficulty():
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "launch" / "cohort_difficulty.py"
     spec = importlib.util.spec_from_file_location("cohort_difficulty", path)
