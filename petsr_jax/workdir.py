@@ -39,6 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
+from petsr_jax.config import flatten
 from petsr_jax.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -68,20 +69,10 @@ class WorkdirError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _comparable(config_or_record) -> dict:
     """Flat `field -> value` of a config or of a recorded config.json; splits as counts."""
     tree = config_or_record if isinstance(config_or_record, dict) else config_or_record.to_dict()
-    flat = _flatten(json.loads(json.dumps(tree)))
+    flat = flatten(json.loads(json.dumps(tree)))
     split = flat.get("data.split")
     if isinstance(split, str):
         parts = split.replace(",", "/").split("/")

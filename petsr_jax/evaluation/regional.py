@@ -15,7 +15,7 @@ from petsr_jax import data
 from petsr_jax.evaluation.evaluate import IMAGES
 from petsr_jax.evaluation.predict import predict_slices
 
-# Tissue label code of grey matter in <root>/labels/ (petsr_jax.data, petsr_jax.cohort.LABELS).
+# Tissue label code of grey matter in <root>/labels/ (petsr_jax.data, petsr_jax.sim.LABELS).
 GREY_MATTER_LABEL = 1
 
 
