@@ -57,6 +57,19 @@ class Volume:
             dz, dy, dx = self.spacing
             object.__setattr__(self, "affine", np.diag([dx, dy, dz, 1.0]))
 
+    def __repr__(self) -> str:
+        """A two-line summary: a notebook printing a DICOM volume would otherwise show every
+        header of every slice (thousands of lines). The headers stay in `volume.headers`."""
+        slices, rows, cols = self.shape
+        dz, dy, dx = self.spacing
+        headers = "no headers" if self.headers is None else f"{len(self.headers)} DICOM headers"
+        source = self.meta.get("source_path", "in memory")
+        return (
+            f"Volume({slices}×{rows}×{cols} slices×rows×cols, spacing {dz:.4g}×{dy:.4g}×{dx:.4g} "
+            f"mm, units {self.units}, patient {self.patient_id!r},\n"
+            f"       {self.space} affine, {headers}, source {source})"
+        )
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.data.shape)
