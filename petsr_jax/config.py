@@ -1,82 +1,61 @@
-"""Configs as data: the paper protocol, typed `key=value` overrides, and one `validate()`.
+"""Configs as data: the fields every config has, the `key=value,flag` parser, and `validate()`.
 
-A config file (`configs/deepsr.py`) is two lines: `get_config(arg)` returns
-`build_config("deepsr", arg)`. The `arg` after the colon in `--config=configs/deepsr.py:scale=8`
-is parsed here: comma-separated `key=value` pairs (typed from the default's type, dotted keys
-reach nested fields, e.g. `train.lr=3e-4`) and bare flags (`quick`). Unknown keys and flags are
-rejected, and the returned config is locked, so `--config.train.lr=3e-4` works on the command line
-and a typo fails instead of being silently ignored.
+The protocols live in the config files, `configs/srcnn.py` and `configs/deepsr.py`: each writes
+out the paper protocol for its model and a few named variants (`quick`, `tiny`, `paper`, `gpu`)
+that change a few fields. What every config shares lives here, so that the library works from a
+notebook without the `configs/` folder:
 
-`validate(config)` is the one place that checks a config before any work starts, with errors
-that name the field, the value and what was expected.
+- `base_config(model)`: every field a run reads, with its type and meaning. A config file sets
+  its protocol on top of it; `petsr_jax.load` fills a workdir's config.json with it, so a run
+  recorded before a field existed still loads.
+- `apply_arg(config, arg, variants)`: the text after the colon in
+  `--config=configs/deepsr.py:scale=8,quick`. Bare flags name variants and apply first, in the
+  order given; `key=value` pairs are typed like the field (`scale=12`, `train.lr=3e-4`, or the
+  unambiguous short key `lr=3e-4`). Unknown keys and flags fail naming the nearest valid ones,
+  and the result is locked, so `--config.train.lr=3e-4` works and `--config.train.lrr` fails.
+- `build_config(model, arg)`: what `--config=configs/<model>.py:<arg>` gives, for code and tests.
+- `parse_flags(argv)`: the launch scripts' flag parser; a bad `--config` ends with one line on
+  stderr and exit status 2 before any data or JAX work, instead of a traceback.
+- `validate(config)`: the one check before any work starts, with errors that name the field,
+  the value and what was expected.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-# Paper learning rates (Sec. 3.2): SRCNN converges faster with 1e-3; DeepSR's residual
-# connections already help convergence, so 1e-4.
-PAPER_LR = {"srcnn": 1e-3, "deepsr": 1e-4}
+MODELS = ("srcnn", "deepsr")
 
-# Flags a config arg may name. Each maps dotted field -> value, applied before `key=value` pairs,
-# so `quick,train.epochs=3` and `train.epochs=3,quick` mean the same.
-_QUICK = {
-    "data.cohort": "small",
-    "data.split": "8/2/2",
-    "data.crop_size": 64,
-    "train.batch_size": 16,
-    "train.epochs": 40,
-    "train.eval_every_steps": 200,
-    "train.checkpoint_every_steps": 200,
-    "eval.lpips": False,
-}
-_TINY = {
-    "data.cohort": "tiny",
-    "data.split": "2/1/1",
-    "data.crop_size": 32,
-    "train.batch_size": 4,
-    "train.epochs": 1,
-    "train.eval_every_steps": 4,
-    "train.checkpoint_every_steps": 4,
-    "train.log_every_steps": 2,
-    "eval.lpips": False,
-    "eval.num_figure_slices": 2,
-}
-# The authors' protocol (their released code): slices min–max scaled to 8 bits, the input made
-# by PIL's 8-bit bicubic, batch 16, no augmentation, constant learning rate, final weights.
-_PAPER = {
-    "data.domain": "paper",
-    "data.flip": False,
-    "train.batch_size": 16,
-    "eval.weights": "final",
-}
-FLAGS: dict[str, dict[str, dict[str, Any]]] = {
-    # A run that finishes on a 2-core CPU in minutes (cohort generation included) and still
-    # shows the model clearly above bicubic: the small cohort at 128², random 64² crops, and a
-    # DeepSR cut to 6 blocks of 32 features (the deep 20×64 network needs a GPU).
-    "quick": {
-        "srcnn": _QUICK,
-        "deepsr": {**_QUICK, "model.num_blocks": 6, "model.width": 32, "train.lr": 5e-4},
-    },
-    # The paper's data domain, metrics and training protocol (combine: `quick,paper`).
-    "paper": {"srcnn": _PAPER, "deepsr": _PAPER},
-    # Unit-test sized: a few steps on the tiny cohort.
-    "tiny": {
-        "srcnn": _TINY,
-        "deepsr": {**_TINY, "model.num_blocks": 2, "model.width": 8},
-    },
-}
+# The bare flags every config file offers, each a variant defined in the file's `VARIANTS`:
+# `quick` (a 2-core CPU, minutes), `tiny` (unit tests), `paper` (the authors' data domain and
+# training) and `gpu` (one GPU, bfloat16).
+FLAGS = ("gpu", "paper", "quick", "tiny")
+
+# Where `build_config` finds the config files: the `configs/` folder of a source checkout.
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and what it expects."""
 
 
 def base_config(model: str) -> ml_collections.ConfigDict:
-    """The paper protocol for `model` ("srcnn" or "deepsr")."""
-    if model not in PAPER_LR:
-        raise ValueError(f"unknown model {model!r}; choose one of {sorted(PAPER_LR)}")
+    """Every field of a `model` ("srcnn" or "deepsr") config, with its meaning; unlocked.
+
+    The values are the paper protocol's, which `configs/<model>.py` writes out in full; here
+    they are what a field takes where neither a config file nor a workdir's config.json sets it
+    (a run recorded before the field existed), and they fix each field's type: `scale=12`
+    parses as an int because `scale` is 8 here.
+    """
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(
         {
@@ -96,9 +75,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "residual_scale": 1.0,
             "remat": False,
             "in_channels": 1,
-            # How convolutions are computed, not what: "auto" takes oneDNN on CPUs (or, where it
-            # cannot be built, petsr_jax.fast_conv) and flax's nn.Conv elsewhere; or "xla" /
-            # "cpu" / "onednn" (see petsr_jax.models.resolve_conv).
+            # How convolutions are computed, not what: "auto" takes flax's nn.Conv, or on one
+            # CPU device petsr_jax.cpu's kernels; or "flax" / "cpu" / "onednn" (see
+            # petsr_jax.cpu.resolve_conv).
             "conv": "auto",
         }
     )
@@ -133,7 +112,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     )
     c.train = ml_collections.ConfigDict(
         {
-            "lr": PAPER_LR[model],
+            "lr": {"srcnn": 1e-3, "deepsr": 1e-4}[model],  # Sec. 3.2
             "epochs": 50,
             "batch_size": 8,  # global batch, split over all devices of all processes
             "log_every_steps": 50,
@@ -175,30 +154,64 @@ def parse_value(text: str, default: Any, key: str) -> Any:
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"config field {key}: expected true/false, got {text!r}")
+        raise ConfigError(f"config field {key}: expected true/false, got {text!r}")
     try:
         if isinstance(default, int):
             return int(text)
         if isinstance(default, float):
             return float(text)
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"config field {key}: expected {type(default).__name__}, got {text!r}"
         ) from None
     return text
 
 
-def _set(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+def nearest(name: str, valid: list[str], n: int = 3) -> list[str]:
+    """The entries of `valid` closest to a misspelt `name`, compared whole and by their last
+    dotted part, so that `lrr` and `train.lrr` both find `train.lr`."""
+    by_leaf: dict[str, list[str]] = {}
+    for entry in valid:
+        by_leaf.setdefault(entry.rsplit(".", 1)[-1], []).append(entry)
+    close = difflib.get_close_matches(name, valid, n=n)
+    for leaf in difflib.get_close_matches(name.rsplit(".", 1)[-1], list(by_leaf), n=n):
+        close += by_leaf[leaf]
+    return list(dict.fromkeys(close))[:n]
+
+
+def unknown(what: str, name: str, valid: list[str]) -> str:
+    """`unknown <what> '<name>'; nearest: ...`, or every valid name when none is close."""
+    close = nearest(name, valid)
+    if close:
+        return f"unknown {what} {name!r}; nearest: {', '.join(close)}"
+    return f"unknown {what} {name!r}; valid: {', '.join(valid)}"
+
+
+def resolve_key(config: ml_collections.ConfigDict, key: str) -> str:
+    """The dotted field a key names: itself, or the one field it ends (`lr` → `train.lr`)."""
+    names = field_names(config)
+    if key in names:
+        return key
+    matches = [name for name in names if name.endswith("." + key)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"config field {key!r} is ambiguous; give {' or '.join(matches)}")
+    raise ConfigError(unknown("config field", key, names))
+
+
+def get_field(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value of the dotted field `key`, e.g. `get_field(config, "train.lr")`."""
     node = config
-    *path, leaf = key.split(".")
-    for part in path:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise KeyError(f"unknown config field {key!r}")
+    for part in key.split("."):
         node = node[part]
-    if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
-        raise KeyError(
-            f"unknown config field {key!r}; valid fields: {', '.join(field_names(config))}"
-        )
+    return node
+
+
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Set the field `key` names (see `resolve_key`); a string is parsed to the field's type."""
+    *path, leaf = resolve_key(config, key).split(".")
+    node = get_field(config, ".".join(path)) if path else config
     if isinstance(value, str):
         value = parse_value(value, node[leaf], key)
     node[leaf] = value
@@ -215,41 +228,6 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# What a trained run does not depend on: logging cadence, loader workers, the cluster set-up,
-# evaluation settings (batch size, LPIPS, figures). A workdir started with other values of these
-# holds the same run; any other difference makes it another run.
-NON_DEFINING_FIELDS = (
-    "data.num_workers",
-    "distributed.",
-    "eval.",
-    "train.log_every_steps",
-    "train.keep_checkpoints",
-)
-
-
-def config_differences(recorded: dict, config, ignore=NON_DEFINING_FIELDS) -> list[str]:
-    """`field: <recorded> in the workdir, <now> now` for every field where the config a workdir
-    recorded (its config.json) and `config` differ, leaving out fields starting with `ignore`.
-
-    Splits compare as patient counts ("8,2,2" = "8/2/2"); fields one side lacks show as
-    `<absent>` (a config.json from an older version).
-    """
-    now, before = flatten(json.loads(config.to_json())), flatten(recorded)
-    for flat in (now, before):
-        if isinstance(flat.get("data.split"), str):
-            try:
-                flat["data.split"] = parse_split(flat["data.split"])
-            except ConfigError:
-                pass
-    diffs = []
-    for key in sorted(set(now) | set(before)):
-        if key.startswith(tuple(ignore)) or now.get(key) == before.get(key):
-            continue
-        was, asked = before.get(key, "<absent>"), now.get(key, "<absent>")
-        diffs.append(f"{key}: {was!r} in the workdir, {asked!r} now")
-    return diffs
-
-
 def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     """All dotted leaf names of a config, e.g. `train.lr`."""
     names = []
@@ -261,48 +239,113 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
     return names
 
 
-def build_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The paper config for `model`, with the overrides of a config `arg` applied, locked.
+def apply_arg(
+    config: ml_collections.ConfigDict, arg: str | None, variants: dict[str, dict[str, Any]]
+) -> ml_collections.ConfigDict:
+    """`config` with the flags and `key=value` pairs of a config `arg` applied, then locked.
 
-    `arg` is what follows the colon in `--config=configs/deepsr.py:ARG`: comma-separated bare
-    flags (see `FLAGS`) and `key=value` pairs, e.g. `"scale=12,quick"` or `"train.lr=3e-4"`.
-    A key without a dot that names no top-level field is looked up in the sections
-    (`lr` → `train.lr`) when that is unambiguous.
+    `arg` is what follows the colon in `--config=configs/deepsr.py:ARG`, e.g. `"scale=12,quick"`.
+    A flag names a variant (`variants[flag]`: dotted field → value); variants apply before the
+    pairs, in the order given, so `quick,train.epochs=3` and `train.epochs=3,quick` both train
+    3 epochs on top of the quick variant.
     """
-    config = base_config(model)
     flags, pairs = [], []
     for token in (arg or "").split(","):
         token = token.strip()
-        if not token:
-            continue
         if "=" in token:
             key, value = token.split("=", 1)
             pairs.append((key.strip(), value.strip()))
-        elif token in FLAGS:
+        elif token in variants:
             flags.append(token)
-        else:
-            raise ValueError(
-                f"unknown config flag {token!r} in {arg!r}; flags: {', '.join(sorted(FLAGS))}; "
-                "or give key=value"
+        elif token:
+            close = nearest(token, list(variants))
+            raise ConfigError(
+                f"unknown config flag {token!r}; "
+                + (f"nearest: {', '.join(close)}; " if close else "")
+                + f"flags: {', '.join(sorted(variants))}, and fields take key=value"
             )
     for flag in flags:
-        for key, value in FLAGS[flag][model].items():
-            _set(config, key, value)
-    names = field_names(config)
+        for key, value in variants[flag].items():
+            set_field(config, key, value)
     for key, value in pairs:
-        if key not in names:
-            matches = [n for n in names if n.endswith("." + key)]
-            if len(matches) != 1:
-                hint = f" (did you mean {' or '.join(matches)}?)" if matches else ""
-                raise KeyError(f"unknown config field {key!r}{hint}; valid: {', '.join(names)}")
-            key = matches[0]
-        _set(config, key, value)
+        set_field(config, key, value)
     config.lock()
     return config
 
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the field and what it expects."""
+def build_config(model: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """What `--config=configs/<model>.py:<arg>` gives: that config file's `get_config(arg)`.
+
+    The config files belong to the source checkout, not to the installed package; a trained run
+    loads without them (`petsr_jax.load` rebuilds its config from the workdir's config.json).
+    """
+    return load_config_file(CONFIGS_DIR / f"{model}.py", arg)
+
+
+def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file at `path`, as `--config=<path>:<arg>` loads it."""
+    path = Path(path)
+    if not path.is_file():
+        files = sorted(p.name for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
+        hint = f"; config files there: {', '.join(files)}" if files else ""
+        raise ConfigError(f"{path}: no such config file{hint}")
+    spec = importlib.util.spec_from_file_location(f"petsr_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def config_flag_problem(argv: list[str], flag: str = "config") -> str | None:
+    """What is wrong with the `--<flag>=<file>:<arg>` and `--<flag>.<field>=<value>` arguments
+    in `argv`, in one line; None when nothing is, or when `argv` names no config file."""
+    spec, overrides = None, []
+    tokens = iter(argv[1:])
+    for token in tokens:
+        if token == "--":
+            break
+        if not token.startswith("-"):
+            continue
+        name, has_value, value = token.lstrip("-").partition("=")
+        if name == flag:
+            spec = value if has_value else next(tokens, "")
+        elif name.startswith((f"{flag}.", f"no{flag}.")):
+            overrides.append((name.split(".", 1)[1], value if has_value else None))
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    try:
+        config = load_config_file(path, arg)
+    except ConfigError as error:
+        return f"--{flag}={spec}: {error}"
+    names = field_names(config)
+    for key, value in overrides:
+        if key not in names:
+            return f"--{flag}.{key}: {unknown('config field', key, names)}"
+        current = get_field(config, key)
+        if value is not None and not isinstance(current, bool):  # absl parses booleans itself
+            try:
+                parse_value(value, current, key)
+            except ConfigError as error:
+                return f"--{flag}.{key}={value}: {error}"
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for a launch script: `app.run(main, flags_parser=parse_flags)`.
+
+    ml_collections reports a misspelt config key (`--config.train.lrr=3e-4`, `:lrr=3e-4`, the
+    flag `:quik`) with a traceback from its own internals. Here the config file, its arg and
+    every `--config.<field>` override are checked first, before any data or JAX work, and a
+    problem ends the process with one line on stderr naming the bad key and the nearest valid
+    ones, exit status 2 (the launch scripts' status for a bad input). The rest is absl's.
+    """
+    from absl import app
+
+    problem = config_flag_problem(argv)
+    if problem:
+        print(f"{os.path.basename(argv[0])}: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
 
 
 def parse_split(text: str) -> tuple[int, int, int]:
@@ -320,7 +363,7 @@ def image_size(config) -> int | None:
     """In-plane size of the embedded cohort preset (None for a user's data root)."""
     if config.data.root:
         return None
-    from petsr_jax.cohort import PRESETS
+    from petsr_jax.sim import PRESETS
 
     return PRESETS[config.data.cohort].size
 
@@ -331,18 +374,18 @@ def validate(config, num_devices: int | None = None) -> None:
 
     errors = []
     m = config.model
-    if m.name not in PAPER_LR:
-        errors.append(f"model.name: expected one of {sorted(PAPER_LR)}, got {m.name!r}")
+    if m.name not in MODELS:
+        errors.append(f"model.name: expected one of {', '.join(MODELS)}, got {m.name!r}")
     if m.global_skip not in ("image", "feature"):
         errors.append(f"model.global_skip: expected 'image' or 'feature', got {m.global_skip!r}")
-    from petsr_jax.models import INITS
+    from petsr_jax.models import CONVS, INITS
 
     if m.init not in INITS:
         errors.append(f"model.init: expected one of {', '.join(INITS)}, got {m.init!r}")
     if not m.residual_scale > 0:
         errors.append(f"model.residual_scale: expected a positive factor, got {m.residual_scale}")
-    if m.conv not in ("auto", "xla", "cpu", "onednn"):
-        errors.append(f"model.conv: expected auto, xla, cpu or onednn, got {m.conv!r}")
+    if m.conv not in CONVS:
+        errors.append(f"model.conv: expected one of {', '.join(CONVS)}, got {m.conv!r}")
     if m.num_blocks < 0 or m.width < 1 or m.in_channels < 1:
         errors.append("model.num_blocks must be ≥ 0, model.width and model.in_channels ≥ 1")
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
@@ -358,7 +401,7 @@ def validate(config, num_devices: int | None = None) -> None:
         if not os.path.isdir(config.data.root):
             errors.append(f"data.root: {config.data.root!r} is not a folder")
     else:
-        from petsr_jax.cohort import PRESETS
+        from petsr_jax.sim import PRESETS
 
         if config.data.cohort not in PRESETS:
             errors.append(
