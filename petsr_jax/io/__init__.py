@@ -1,4 +1,5 @@
-"""Scan readers and writers (DICOM series, NIfTI): `read_volume`, `write_dicom`, `write_nifti`.
+"""Scan readers and writers (DICOM series, NIfTI): `read_volume`, `write_dicom`, `write_nifti`,
+`write_outputs` (both formats of one scan, all or nothing).
 
 Everything a user can get wrong about a scan (a folder holding several series, a truncated file,
 mixed slice sizes, a 4D NIfTI...) becomes one `ScanError` that names the file and the problem,

@@ -164,7 +164,9 @@ def commit(staged: Sequence[Staged]) -> None:
     """Rename every staged output to its target, or none of them.
 
     When a rename fails, the outputs already renamed are moved back and every temporary is
-    removed, so the targets are as they were before the write.
+    removed, so the targets are as they were before the write (except a file an explicit
+    `overwrite=True` already replaced). Between two renames a kill -9 can still leave the first
+    output alone; the window is two system calls wide.
     """
     renamed: list[Staged] = []
     try:

@@ -150,7 +150,7 @@ def _nifti_image(volume: Volume, path: Path) -> nib.Nifti1Image:
     image.header.set_sform(affine, code=int(sform_code) or 1)
     if is_sheared(affine):
         # A qform is a rotation and zooms; it would silently drop the shear and disagree with
-        # the sform. Left unset, every reader takes the exact sform.
+        # the sform. Unset (code 0), the sform is the file's only geometry.
         image.header.set_qform(None, code=0)
     else:
         image.header.set_qform(affine, code=int(qform_code) or 1)
