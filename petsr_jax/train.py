@@ -152,7 +152,13 @@ def check_workdir(workdir: Path) -> None:
 
 
 # What `report.write_run_outputs` leaves in a finished workdir.
-RUN_OUTPUTS = ("results.json", "results.md", "test_scores.json", "test_slices.png")
+RUN_OUTPUTS = (
+    "results.json",
+    "results.md",
+    "test_scores.json",
+    "test_slices.png",
+    "training_curves.png",
+)
 
 # Room for metrics, TensorBoard events, the figure and result files beside the checkpoints.
 OUTPUT_MARGIN_BYTES = 16 * 2**20
@@ -216,10 +222,64 @@ class _MetricWriter:
         self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self.jsonl.flush()
 
+    def describe(self, step: int, about: dict[str, str]) -> None:
+        """What some scalars measure, as an `{"step", "about"}` line of metrics.jsonl only."""
+        if self.enabled:
+            self.jsonl.write(json.dumps({"step": step, "about": about}) + "\n")
+            self.jsonl.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
             self.jsonl.close()
+
+
+def _say_how_slices_are_scored(root: Path, val_set, rule: str) -> None:
+    """Warn once, before training, when the data root has no brain masks: a person reading the
+    results must know that there are no "brain" scores and which slices are scored instead."""
+    if val_set.mask is not None:
+        return
+    log.warning(
+        "%s has no brain mask for every validation patient (%s): validation and test are scored "
+        'on whole slices only, with no "brain" metrics, on %s',
+        root,
+        root / "masks" / "<patient>.nii.gz",
+        data.eval_slices_description(rule, has_mask=False),
+    )
+
+
+THROUGHPUT_ABOUT = {
+    "train/images_per_s": "training images per second over the train/images_per_s_steps steps "
+    "since the previous log or the last evaluation or checkpoint; the first window after a start "
+    "or resume (compilation) is not measured, and evaluation and checkpoint time never count",
+}
+
+
+class ThroughputMeter:
+    """Training images per second over windows that hold training steps only.
+
+    A window opens after each measurement and after whatever is not training (an evaluation, a
+    checkpoint), so that time is never counted; the first window after a start or resume holds
+    the compilation of the train step and is not measured. Measure right after a host sync (the
+    loss read at a log step), so the window's steps have really run.
+    """
+
+    def __init__(self, batch_size: int, step: int):
+        self.batch_size = batch_size
+        self.restart(step)
+        self._compiling = True
+
+    def restart(self, step: int) -> None:
+        """Open a new window after `step`, e.g. once an evaluation or a checkpoint is done."""
+        self._start, self._step, self._compiling = time.perf_counter(), step, False
+
+    def measure(self, step: int) -> tuple[float, int] | None:
+        """(images per second, steps) of the window ending at `step`, or None when the window
+        held compilation or no step; opens the next window."""
+        seconds, steps = time.perf_counter() - self._start, step - self._step
+        training_only = not self._compiling and steps >= 1
+        self.restart(step)
+        return (steps * self.batch_size / max(seconds, 1e-9), steps) if training_only else None
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
@@ -250,6 +310,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
     val_set = data.build_slice_set(
         root, split["val"], eval_split=True, rule=config.data.eval_slices
     )
+    _say_how_slices_are_scored(root, val_set, config.data.eval_slices)
     steps_per_epoch, total_steps = _steps(config, len(train_set))
     eval_every = config.train.eval_every_steps or steps_per_epoch
     ckpt_every = config.train.checkpoint_every_steps or steps_per_epoch
@@ -270,12 +331,14 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         )
         files.write_json_atomic(workdir / "config.json", json.loads(config.to_json()))
         files.write_json_atomic(workdir / "split.json", split)
-        # What enhancement checks a new scan against (units, slice size).
+        # What enhancement checks a new scan against (units, pixel spacing).
+        spacing = train_set.pixel_spacing
         files.write_json_atomic(
             workdir / "data_info.json",
             {
                 "units": train_set.units,
                 "image_size": list(train_set.hr.shape[1:]),
+                "pixel_spacing_mm": None if spacing is None else list(spacing),
                 "root": str(root),
             },
         )
@@ -327,8 +390,10 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
     # Wall time of training (validation included), carried across resumptions through a sidecar
     # written with each checkpoint; time after the last checkpoint of a killed run is not counted.
     time_before = _recorded_train_time(workdir, start_step)
-    loop_start = t0 = time.perf_counter()
-    step0 = start_step
+    loop_start = time.perf_counter()
+    throughput = ThroughputMeter(config.train.batch_size, start_step)
+    writer.describe(start_step, THROUGHPUT_ABOUT)
+    img_s = "n/a"
     try:
         for step in range(start_step + 1, total_steps + 1):
             batch = sharding.local_batch_to_global(next(train_iter), mesh)
@@ -341,19 +406,13 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
                         f"(step {ckpts.latest_step()}) in {workdir / 'checkpoints'} is intact; "
                         "lower train.lr or check the data."
                     )
-                dt = time.perf_counter() - t0
-                rate = (step - step0) * config.train.batch_size / max(dt, 1e-9)
-                writer.write(
-                    step,
-                    {
-                        "train/loss": loss,
-                        "train/grad_norm": float(step_metrics["grad_norm"]),
-                        "train/images_per_s": rate,
-                    },
-                )
+                scalars = {"train/loss": loss, "train/grad_norm": float(step_metrics["grad_norm"])}
+                if (measured := throughput.measure(step)) is not None:
+                    scalars["train/images_per_s"], scalars["train/images_per_s_steps"] = measured
+                    img_s = f"{measured[0]:.1f}"
+                writer.write(step, scalars)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.3g}", img_s=f"{rate:.1f}")
-                t0, step0 = time.perf_counter(), step
+                    bar.set_postfix(loss=f"{loss:.3g}", img_s=img_s)
             if step % eval_every == 0 or step == total_steps:
                 val = evaluate.summarise(
                     evaluate.evaluate_run(
@@ -372,6 +431,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
                 if not math.isfinite(val["sr"]["psnr"]):
                     raise TrainingDiverged(f"validation PSNR is {val['sr']['psnr']} at step {step}")
                 ckpts.save_best(step, state.params, val["sr"]["psnr"])
+                throughput.restart(step)
             if step % ckpt_every == 0 or step == total_steps:
                 if not params_finite(state.params):
                     raise TrainingDiverged(
@@ -384,6 +444,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
                     files.write_json_atomic(
                         workdir / TRAIN_TIME_FILE, {"step": step, "seconds": round(seconds, 1)}
                     )
+                throughput.restart(step)
             if bar is not None:
                 bar.update(1)
         ckpts.wait()
@@ -414,6 +475,10 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         "weights": config.eval.weights,
         "domain": config.data.domain,
         "num_params": n_params,
+        "brain_mask": test_set.mask is not None,
+        "eval_slices": data.eval_slices_description(
+            config.data.eval_slices, test_set.mask is not None
+        ),
         "train_time_s": round(time_before + time.perf_counter() - loop_start, 1),
         "test": evaluate.summarise(scores, test_set.patient),
     }

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petsr_jax import ablation, checkpoint, train
+from petsr_jax import checkpoint, train
 from petsr_jax.config import build_config
+from petsr_jax.evaluation import report
+from petsr_jax.experiments import ablation
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTHS = ("1", "2")
@@ -92,9 +94,7 @@ def test_table_holds_val_and_test_metrics_of_the_best_params(finished_sweep):
         results = json.loads((Path(row["workdir"]) / "results.json").read_text())
         assert row["test"]["sr"]["psnr"] == results["test"]["sr"]["psnr"]
         # Training evaluated the same params on the same val slices when it chose the best step.
-        steps, val_psnr = ablation.read_metrics(Path(row["workdir"]) / "metrics.jsonl")[
-            "val/sr/psnr"
-        ]
+        steps, val_psnr = report.read_metrics(Path(row["workdir"]) / "metrics.jsonl")["val/sr/psnr"]
         at_best = val_psnr[list(steps).index(row["best_step"])]
         np.testing.assert_allclose(row["val"]["sr"]["psnr"], at_best, rtol=1e-5)
         for split in ("val", "test"):
@@ -227,22 +227,6 @@ def test_values_are_typed_like_the_field_and_named_compactly(nifti_root):
     embedded = build_config("deepsr", "quick")
     depth = ablation.Sweep("model.num_blocks", "depth", (10,))
     assert ablation.run_name(embedded, depth, 10) == "deepsr_x8_small_depth10"
-
-
-def test_read_metrics_keeps_the_last_entry_of_a_step_logged_twice(tmp_path):
-    lines = [
-        {"step": 2, "train/loss": 0.5},
-        {"step": 4, "train/loss": 0.4},
-        {"step": 4, "val/sr/psnr": 20.0},
-        {"step": 4, "train/loss": 0.3},  # logged again after a resume from step 2
-        {"step": 6, "train/loss": 0.2},
-    ]
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 8, "train/lo')
-    curves = ablation.read_metrics(path)
-    np.testing.assert_array_equal(curves["train/loss"][0], [2, 4, 6])
-    np.testing.assert_array_equal(curves["train/loss"][1], [0.5, 0.3, 0.2])
-    np.testing.assert_array_equal(curves["val/sr/psnr"][0], [4])
 
 
 def test_command_line_reuses_finished_runs_with_config_overrides(finished_sweep, tmp_path):

@@ -2,7 +2,9 @@
 (outputs written, resume = uninterrupted, NaN stop)."""
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -107,6 +109,9 @@ def test_a_run_writes_every_output(finished_run):
         "metrics.jsonl",
         "config.json",
         "split.json",
+        "training_curves.png",
+        "data_info.json",
+        "run.json",
     ):
         assert (workdir / name).is_file(), name
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -118,6 +123,103 @@ def test_a_run_writes_every_output(finished_run):
     assert on_disk["test"]["per_patient"]
     assert "| Output SR (multi-scale SRCNN) |" in (workdir / "results.md").read_text()
     assert (workdir / "checkpoints").is_dir() and (workdir / "best").is_dir()
+
+
+class _FakeClock:
+    """`time` for train.py: each reading advances 1 s; an evaluation or a checkpoint 1000 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def slow(self, fn):
+        def run(*args, **kwargs):
+            self.now += 1000.0
+            return fn(*args, **kwargs)
+
+        return run
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+EVAL_EVERY = 3
+
+
+@pytest.fixture(scope="module")
+def run_without_masks(nifti_root, tmp_path_factory):
+    """A run on a data root without brain masks, on a clock where evaluation and checkpoints
+    take 1000 s and training steps almost nothing."""
+    root = tmp_path_factory.mktemp("no_masks")
+    for f in nifti_root.glob("*.nii.gz"):
+        shutil.copy(f, root / f.name)
+    workdir = tmp_path_factory.mktemp("run_without_masks")
+    config = _config(
+        root,
+        **{"train.epochs": 3, "train.log_every_steps": 2, "train.eval_every_steps": EVAL_EVERY},
+    )
+    clock, warnings = _FakeClock(), _Warnings()
+    logging.getLogger("petsr_jax.train").addHandler(warnings)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(train, "time", clock)
+            mp.setattr(train.evaluate, "evaluate_run", clock.slow(train.evaluate.evaluate_run))
+            mp.setattr(checkpoint.Checkpoints, "save", clock.slow(checkpoint.Checkpoints.save))
+            train.train_and_evaluate(config, workdir, progress=False)
+    finally:
+        logging.getLogger("petsr_jax.train").removeHandler(warnings)
+    return workdir, warnings.messages
+
+
+def test_a_run_without_brain_masks_has_no_brain_scores_and_says_so(run_without_masks):
+    workdir, warnings = run_without_masks
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["brain_mask"] is False
+    for image in ("bicubic", "sr"):
+        assert "psnr" in results["test"][image] and "psnr_brain" not in results["test"][image]
+    text = (workdir / "results.md").read_text()
+    assert "inside the brain mask" not in text and "PSNR brain" not in text
+    assert "no brain mask" in text and "mean intensity" in text
+    assert "of 1 patient;" in text
+    [warning] = [m for m in warnings if "no brain mask" in m]
+    assert "masks" in warning and "mean intensity" in warning
+
+
+def test_a_run_records_its_curves_pixel_spacing_and_how_it_was_made(run_without_masks):
+    workdir, _ = run_without_masks
+    info = json.loads((workdir / "data_info.json").read_text())
+    assert info["pixel_spacing_mm"] == [2.0, 2.0]  # make_nifti_root's spacing
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["curves"] == "training_curves.png" and (workdir / results["curves"]).is_file()
+    record = json.loads((workdir / results["run_record"]).read_text())
+    assert record["total_steps"] == results["step"]
+    assert "run.json" in (workdir / "results.md").read_text().strip().splitlines()[-1]
+
+
+def test_throughput_is_measured_over_training_steps_only(run_without_masks):
+    workdir, _ = run_without_masks
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert "train/images_per_s" in records[0]["about"]
+    logged = [r for r in records if "train/loss" in r]
+    evaluated = [r["step"] for r in records if "val/sr/psnr" in r]
+    assert "train/images_per_s" not in logged[0], "the first window holds the compilation"
+    measured = [r for r in logged[1:] if "train/images_per_s" in r]
+    assert len(measured) == len(logged) - 1
+    for r in measured:
+        first = r["step"] - r["train/images_per_s_steps"]
+        assert not [e for e in evaluated if first < e < r["step"]], f"step {r['step']}: {first}"
+    rates = [r["train/images_per_s"] for r in measured]
+    # Evaluation and checkpoints take 1000× a training step here: one counted would show.
+    assert max(rates) / min(rates) < 5, rates
 
 
 def test_rerunning_a_finished_run_does_not_train_again(finished_run):

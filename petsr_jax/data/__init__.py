@@ -30,6 +30,7 @@ from petsr_jax.data.slices import (
     cache_dir,
     cache_path_of,
     eval_slice_indices,
+    eval_slices_description,
 )
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "degrade",
     "denormalise",
     "eval_slice_indices",
+    "eval_slices_description",
     "from_domain",
     "list_patients",
     "load_patient",

@@ -26,7 +26,7 @@ from petsr_jax.data.patients import AUX_FOLDERS, DataError, list_patients, load_
 BRAIN_AREA_FRACTION = 0.25
 # Without a mask: slices whose mean intensity is at least this fraction of the brightest slice's.
 INTENSITY_FRACTION = 0.5
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the index records the pixel spacing
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,18 @@ def eval_slice_indices(data: np.ndarray, mask: np.ndarray | None, rule: str) -> 
     return np.flatnonzero(mean >= INTENSITY_FRACTION * mean.max())
 
 
+def eval_slices_description(rule: str, has_mask: bool) -> str:
+    """In words, which slices `eval_slice_indices` keeps under `rule`, for logs and results."""
+    if rule == "all":
+        return "every slice"
+    if re.fullmatch(r"\d+:\d+", rule):
+        start, stop = (int(x) for x in rule.split(":"))
+        return f"slices {start} to {stop - 1}"
+    if has_mask:
+        return f"slices whose brain-mask area is ≥ {BRAIN_AREA_FRACTION:.0%} of the largest slice's"
+    return f"slices whose mean intensity is ≥ {INTENSITY_FRACTION:.0%} of the brightest slice's"
+
+
 @dataclasses.dataclass
 class SliceSet:
     """High-resolution slices of one split, normalised, with what evaluation needs.
@@ -64,6 +76,9 @@ class SliceSet:
     slice_index: np.ndarray  # int [N] index in the patient's volume
     scale: np.ndarray  # float32 [N] the volume's normalisation factor (physical = hr * scale)
     units: str = "unknown"
+    # In-plane pixel size in mm (row, column), the median over patients: what enhancement
+    # compares a new scan's pixels with (the networks learn details at this size).
+    pixel_spacing: tuple[float, float] | None = None
 
     def __len__(self) -> int:
         return int(self.hr.shape[0])
@@ -110,9 +125,10 @@ def build_slice_set(
             np.array(index["slice_index"]),
             np.array(index["scale"], np.float32),
             index["units"],
+            pixel_spacing=_spacing_or_none(index["pixel_spacing"]),
         )
     patients = list_patients(root)
-    hr, masks, pids, idx, scales, units = [], [], [], [], [], set()
+    hr, masks, pids, idx, scales, units, spacings = [], [], [], [], [], set(), []
     for pid in sorted(patient_ids):
         scan = load_patient(root, pid, patients[pid])
         data, scale = normalise(scan.volume.data)
@@ -127,6 +143,7 @@ def build_slice_set(
         idx += keep.tolist()
         scales += [scale] * len(keep)
         units.add(scan.volume.units)
+        spacings.append(scan.volume.spacing[1:])
     shapes = {a.shape[1:] for a in hr}
     if len(shapes) > 1:
         raise DataError(f"patients in {root} have different slice sizes {sorted(shapes)}")
@@ -138,6 +155,7 @@ def build_slice_set(
         np.array(idx),
         np.array(scales, np.float32),
         units.pop() if len(units) == 1 else "mixed",
+        pixel_spacing=_spacing_or_none(np.median(spacings, axis=0).tolist() if spacings else None),
     )
     if cache:
         _write_cache(folder, result)
@@ -157,6 +175,7 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         "scale": s.scale.tolist(),
         "units": s.units,
         "has_mask": s.mask is not None,
+        "pixel_spacing": s.pixel_spacing,
     }
     (tmp / "index.json").write_text(json.dumps(index))
     try:
@@ -165,6 +184,10 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spacing_or_none(spacing) -> tuple[float, float] | None:
+    return None if spacing is None else (float(spacing[0]), float(spacing[1]))
 
 
 def cache_path_of(slices: SliceSet) -> str | None:

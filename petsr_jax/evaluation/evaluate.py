@@ -6,6 +6,8 @@ scored follows the run's data domain (`data.domain`, see `petsr_jax.data.to_doma
 
 * "physical" — slices as each volume divided by its maximum: PSNR and SSIM (Gaussian window)
   over the whole slice and inside the brain mask, LPIPS on the images clipped to [0, 1].
+  Without a brain mask for every patient there are no "brain" scores: whole-slice numbers under
+  a "brain" name would pass for something they are not.
 * "paper" — the authors' protocol: each slice min–max scaled to 8 bits, the input degraded as
   PIL resizes 8-bit images, the output stored as an 8-bit image (`store_8bit`); PSNR on /255
   images with data range 1, SSIM with scikit-image's defaults (`window="uniform"`), LPIPS(VGG)
@@ -35,10 +37,12 @@ IMAGES = ("bicubic", "sr")
 
 
 def _physical_scores(out, images, hr, mask):
-    """PSNR / SSIM (Gaussian window) of each image, whole slice and inside `mask`."""
+    """PSNR / SSIM (Gaussian window) of each image, whole slice and inside `mask` (if any)."""
     for name, img in images:
         out[f"{name}/psnr"] = metrics.psnr(img, hr)
         out[f"{name}/ssim"] = metrics.ssim(img, hr)
+        if mask is None:
+            continue
         out[f"{name}/psnr_brain"] = metrics.psnr(img, hr, mask)
         out[f"{name}/ssim_brain"] = metrics.ssim(img, hr, mask)
 
@@ -46,13 +50,13 @@ def _physical_scores(out, images, hr, mask):
 def make_score_fn(model, scale: int, mesh, domain: str = "physical"):
     """A jitted `score(params, batch) -> {"<image>/<metric>": [N]}` with the batch sharded.
 
-    `batch` holds `hr` (in `domain`), `mask`, and for "paper" also `low`, `span` (`to_domain`)
-    and `hr_volume`, the slices before `to_domain`.
+    `batch` holds `hr` (in `domain`), `mask` when the slices have a brain mask, and for "paper"
+    also `low`, `span` (`to_domain`) and `hr_volume`, the slices before `to_domain`.
     """
     predict = make_predict_fn(model, scale, domain)
 
     def score(params, batch):
-        hr, mask = batch["hr"], batch["mask"]
+        hr, mask = batch["hr"], batch.get("mask")
         lr_up, sr = predict(params, hr)
         out = {}
         if domain == "physical":
@@ -84,8 +88,9 @@ def _score_inputs(slices, domain: str) -> dict[str, np.ndarray]:
     """What the score function reads per slice of a `SliceSet` (`make_score_fn`)."""
     volume = np.asarray(slices.hr, np.float32)
     hr, low, span = data.to_domain(volume, domain)
-    mask = np.ones(hr.shape, bool) if slices.mask is None else np.asarray(slices.mask)
-    inputs = {"hr": hr[..., None], "mask": mask[..., None]}
+    inputs = {"hr": hr[..., None]}
+    if slices.mask is not None:
+        inputs["mask"] = np.asarray(slices.mask)[..., None]
     if domain != "physical":
         inputs.update(low=low, span=span, hr_volume=volume[..., None])
     return inputs
@@ -106,7 +111,7 @@ def evaluate(
 ) -> dict:
     """Per-slice scores of a `SliceSet`: `{"bicubic/psnr": [N], ..., "sr/lpips": [N]}`.
 
-    Without a brain mask the "brain" scores are over the whole slice. With `with_lpips`, LPIPS
+    Without a brain mask there are no "brain" scores. With `with_lpips`, LPIPS
     is computed on the images the other metrics see, clipped to [0, 1]; when unavailable the
     dict holds `"lpips_unavailable": reason` instead.
     """

@@ -1,16 +1,28 @@
-"""What a finished run leaves for people: results.json, results.md and a comparison figure.
+"""What a finished run leaves for people: results.json, results.md and figures (the test
+slices side by side, and training curves from metrics.jsonl, shared with the ablations).
 
 Every file goes through `petsr_jax.files`, so an interruption never leaves a half-written result.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from petsr_jax.evaluation.predict import predict_slices
 from petsr_jax.files import save_figure_atomic, write_atomic, write_json_atomic
+from petsr_jax.workdir import RUN_FILE as RUN_RECORD
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "training_curves.png"
+
+
+def count_of(n: int, noun: str) -> str:
+    """`1 patient`, `3 patients`: a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fmt(entry: dict, metric: str, digits: int) -> str:
@@ -41,26 +53,66 @@ PAPER_METRICS = (
 )
 
 DOMAIN_NOTES = {
-    "physical": 'images normalised per volume to [0, 1]; "brain" = inside the brain mask.',
+    "physical": "images normalised per volume to [0, 1].",
     "paper": "PSNR, SSIM (scikit-image's default 7×7 window) and LPIPS on each slice min–max "
-    'scaled to 8 bits, as the paper; "per volume" and "brain" (inside the brain mask): the '
-    "same outputs mapped back and normalised per volume, Gaussian-window SSIM.",
+    'scaled to 8 bits, as the paper; "per volume": the same outputs mapped back and normalised '
+    "per volume, Gaussian-window SSIM.",
 }
+BRAIN_NOTE = '"brain" = inside the brain mask.'
+NO_MASK_NOTE = (
+    "The data root has no brain mask for every test patient (`masks/<patient>.nii.gz`), so "
+    "there are no brain columns."
+)
 
 
-def results_markdown(results: dict) -> str:
-    """The results of a run as a markdown table a person reads (mean ± std over test slices)."""
-    test = results["test"]
+def has_brain_mask(results: dict) -> bool:
+    """Whether a run's test slices had brain masks (older results: whether brain scores exist)."""
+    return bool(results.get("brain_mask", "psnr_brain" in results["test"].get("sr", {})))
+
+
+def _columns(results: dict) -> tuple:
+    columns = PAPER_METRICS if results.get("domain", "physical") == "paper" else METRICS
+    if has_brain_mask(results):
+        return columns
+    return tuple(c for c in columns if not c[0].endswith("_brain"))
+
+
+def _scoring_note(results: dict) -> str:
+    """What the numbers are: the domain's scoring, the brain mask, and which slices."""
     domain = results.get("domain", "physical")
-    columns = PAPER_METRICS if domain == "paper" else METRICS
+    brain = BRAIN_NOTE if has_brain_mask(results) else NO_MASK_NOTE
+    note = f"{DOMAIN_NOTES[domain]} {brain}"
+    if "eval_slices" in results:
+        note += f" Test slices: {results['eval_slices']}."
+    return note
+
+
+def run_summary(run_record: dict) -> str:
+    """One paragraph on how a run was made, from its run.json (`workdir.write_run_record`)."""
+    versions = run_record.get("versions", {})
+    devices = run_record.get("devices", {})
+    command = " ".join(run_record.get("command") or []) or "unknown"
+    packages = ", ".join(f"{name} {v}" for name, v in versions.items() if v)
+    return (
+        f"Made by `{command}` (git commit {run_record.get('git_commit') or 'unknown'}) with "
+        f"{packages or 'unknown package versions'}, on {devices.get('count', '?')} × "
+        f"{devices.get('kind', 'unknown device')}; the full record is in run.json."
+    )
+
+
+def results_markdown(results: dict, run_record: dict | None = None) -> str:
+    """The results of a run as a markdown table a person reads (mean ± std over test slices),
+    ending with how the run was made when its run.json is given."""
+    test = results["test"]
+    columns = _columns(results)
     name = {"srcnn": "multi-scale SRCNN", "deepsr": "DeepSR"}.get(
         results["model"], results["model"]
     )
     lines = [
         f"# {name}, {results['scale']}× — test split",
         "",
-        f"{test['num_slices']} slices of {test['num_patients']} patients; mean ± std over slices; "
-        + DOMAIN_NOTES[domain],
+        f"{count_of(test['num_slices'], 'slice')} of {count_of(test['num_patients'], 'patient')}; "
+        f"mean ± std over slices; {_scoring_note(results)}",
         "",
         "| image | " + " | ".join(label for _, label, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -96,6 +148,8 @@ def results_markdown(results: dict) -> str:
         )
         + f", {results['num_params']:,} parameters.",
     ]
+    if run_record:
+        lines += ["", run_summary(run_record)]
     return "\n".join(lines) + "\n"
 
 
@@ -149,10 +203,64 @@ def comparison_figure(
     return path
 
 
+def read_metrics(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Scalar name → (steps, values) from a run's metrics.jsonl.
+
+    A resumed run logs again the steps after its last checkpoint; the later entry of a step wins.
+    Entries that are not numbers (notes on what a scalar measures) are left out.
+    """
+    by_name: dict[str, dict[int, float]] = {}
+    path = Path(path)
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short when a run was killed mid-write
+            continue
+        step = int(record.pop("step"))
+        for name, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                by_name.setdefault(name, {})[step] = float(value)
+    return {
+        name: (np.array(sorted(points)), np.array([points[s] for s in sorted(points)]))
+        for name, points in by_name.items()
+    }
+
+
+def training_curves_figure(runs):
+    """Train loss and validation PSNR against step, one line per `(label, workdir)` in `runs`,
+    from each workdir's metrics.jsonl; the validation bicubic PSNR as a dashed line."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    ax_loss, ax_psnr = fig.subplots(1, 2)
+    baseline = None
+    for label, workdir in runs:
+        curves = read_metrics(Path(workdir) / METRICS_FILE)
+        if "train/loss" in curves:
+            ax_loss.plot(*curves["train/loss"], label=label)
+        if "val/sr/psnr" in curves:
+            ax_psnr.plot(*curves["val/sr/psnr"], marker=".", label=label)
+        if "val/bicubic/psnr" in curves:
+            baseline = float(np.mean(curves["val/bicubic/psnr"][1]))
+    if baseline is not None and math.isfinite(baseline):
+        ax_psnr.axhline(baseline, color="black", linestyle="--", label="bicubic")
+    ax_loss.set_yscale("log")
+    ax_loss.set(xlabel="step", ylabel="train loss (MSE)", title="training loss")
+    ax_psnr.set(xlabel="step", ylabel="val PSNR (dB)", title="validation PSNR")
+    for ax in (ax_loss, ax_psnr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def write_run_outputs(
     workdir: Path, config, results: dict, params, test_set, *, model, mesh, scores: dict
 ) -> None:
-    """results.json, results.md, per-slice scores and the test-slice figure of a finished run."""
+    """results.json, results.md, per-slice scores, the test-slice figure and the training
+    curves of a finished run."""
     picks = figure_slices(test_set, config.eval.num_figure_slices)
     hr = np.asarray(test_set.hr[picks], np.float32)
     lr_up, sr = predict_slices(
@@ -166,6 +274,21 @@ def write_run_outputs(
         **{k: np.asarray(v).tolist() for k, v in scores.items() if isinstance(v, np.ndarray)},
     }
     write_json_atomic(workdir / "test_scores.json", per_slice)
-    results = {**results, "figure": "test_slices.png"}
+    label = f"{config.model.name} {config.scale}×"
+    save_figure_atomic(training_curves_figure([(label, workdir)]), workdir / CURVES_FILE)
+    results = {
+        **results,
+        "figure": "test_slices.png",
+        "curves": CURVES_FILE,
+        "run_record": RUN_RECORD,
+    }
     write_json_atomic(workdir / "results.json", results)
-    write_atomic(workdir / "results.md", results_markdown(results).encode())
+    run_record = _read_json(workdir / RUN_RECORD)
+    write_atomic(workdir / "results.md", results_markdown(results, run_record).encode())
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 from petsr_jax import checkpoint, data, files, sharding, train
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import field_names, parse_value, validate
-from petsr_jax.evaluation import evaluate
+from petsr_jax.evaluation import evaluate, report
 from petsr_jax.models import create_model
 
 log = logging.getLogger(__name__)
@@ -351,7 +350,8 @@ def table_markdown(table: dict) -> str:
     lines += [""] * bool(reasons)
     lines += [f"LPIPS n/a ({', '.join(splits)}): {reason}" for reason, splits in reasons.items()]
     counts = ", ".join(
-        f"{split} {first[split]['num_slices']} slices of {first[split]['num_patients']} patient(s)"
+        f"{split} {report.count_of(first[split]['num_slices'], 'slice')} of "
+        f"{report.count_of(first[split]['num_patients'], 'patient')}"
         for split in SPLITS
     )
     lines += [
@@ -361,29 +361,6 @@ def table_markdown(table: dict) -> str:
         f"![metrics](metrics_vs_{table['sweep']}.png) ![curves](training_curves.png)",
     ]
     return "\n".join(lines) + "\n"
-
-
-def read_metrics(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Scalar name → (steps, values) from a run's metrics.jsonl.
-
-    A resumed run logs again the steps after its last checkpoint; the later entry of a step wins.
-    """
-    by_name: dict[str, dict[int, float]] = {}
-    path = Path(path)
-    if not path.exists():
-        return {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:  # a line cut short when a run was killed mid-write
-            continue
-        step = int(record.pop("step"))
-        for name, value in record.items():
-            by_name.setdefault(name, {})[step] = float(value)
-    return {
-        name: (np.array(sorted(points)), np.array([points[s] for s in sorted(points)]))
-        for name, points in by_name.items()
-    }
 
 
 def _x_positions(table: dict) -> tuple[np.ndarray, list[str]]:
@@ -440,30 +417,12 @@ def metrics_figure(table: dict):
 
 def training_curves_figure(table: dict):
     """Train loss and validation PSNR against step, one line per run (from metrics.jsonl)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 3.8))
-    ax_loss, ax_psnr = fig.subplots(1, 2)
-    baseline = None
-    for row in table["runs"]:
-        curves = read_metrics(Path(row["workdir"]) / "metrics.jsonl")
-        label = f"{table['sweep']}={format_value(row['value'])}"
-        if "train/loss" in curves:
-            ax_loss.plot(*curves["train/loss"], label=label)
-        if "val/sr/psnr" in curves:
-            ax_psnr.plot(*curves["val/sr/psnr"], marker=".", label=label)
-        if "val/bicubic/psnr" in curves:
-            baseline = float(np.mean(curves["val/bicubic/psnr"][1]))
-    if baseline is not None and math.isfinite(baseline):
-        ax_psnr.axhline(baseline, color="black", linestyle="--", label="bicubic")
-    ax_loss.set_yscale("log")
-    ax_loss.set(xlabel="step", ylabel="train loss (MSE)", title="training loss")
-    ax_psnr.set(xlabel="step", ylabel="val PSNR (dB)", title="validation PSNR")
-    for ax in (ax_loss, ax_psnr):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return report.training_curves_figure(
+        [
+            (f"{table['sweep']}={format_value(row['value'])}", Path(row["workdir"]))
+            for row in table["runs"]
+        ]
+    )
 
 
 def write_sweep_outputs(table: dict, out_dir: Path) -> None:

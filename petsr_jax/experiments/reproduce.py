@@ -54,6 +54,7 @@ from petsr_jax import data, files, train
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import FLAGS, build_config, validate
 from petsr_jax.evaluation import report
+from petsr_jax.evaluation.report import count_of
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +319,6 @@ def lpips_note(config, test: dict) -> str | None:
     return test.get("lpips_unavailable", "LPIPS unavailable")
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _cell(entry: dict, metric: str, digits: int, missing: str) -> str:
     if metric not in entry:
         return f"n/a ({missing})" if missing else "n/a"
@@ -373,8 +370,8 @@ def table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Ours: mean ± std over {_count(test['num_slices'], 'test slice')} of "
-        f"{_count(test['num_patients'], 'patient')}, scored as the paper: each slice min–max "
+        f"Ours: mean ± std over {count_of(test['num_slices'], 'test slice')} of "
+        f"{count_of(test['num_patients'], 'patient')}, scored as the paper: each slice min–max "
         "scaled to 8 bits, outputs stored as 8-bit images, PSNR with data range 1, SSIM with "
         "scikit-image's defaults (7×7 uniform window), LPIPS(VGG)."
         + (f" Paper columns: {PAPER_SOURCE}." if has_paper else " The paper has no table here."),
@@ -412,10 +409,15 @@ def physical_table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> s
     lines += ["| " + " | ".join([row["label"]] + row["cells"]) + " |" for row in rows]
     lines += [
         "",
-        f"Each 8-bit output mapped back to its slice's range, every volume divided by its maximum "
-        f'(relative activity kept across slices); Gaussian-window SSIM; "brain" = inside the '
-        f"brain mask (the whole slice where a patient has none). "
-        f"{_count(test['num_slices'], 'test slice')} of {_count(test['num_patients'], 'patient')}.",
+        "Each 8-bit output mapped back to its slice's range, every volume divided by its maximum "
+        "(relative activity kept across slices); Gaussian-window SSIM; "
+        + (
+            '"brain" = inside the brain mask. '
+            if report.has_brain_mask(srcnn.results)
+            else "brain columns n/a: the data root has no brain mask for every test patient. "
+        )
+        + f"{count_of(test['num_slices'], 'test slice')} of "
+        f"{count_of(test['num_patients'], 'patient')}.",
     ]
     return "\n".join(lines) + "\n"
 
