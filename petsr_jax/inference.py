@@ -53,6 +53,15 @@ FORMATS = ("auto", "dicom", "nifti", "both")
 _UNCHECKED_UNITS = frozenset({"unknown", "mixed", "", None})
 # DICOM SeriesDescription is a 64-character LO element.
 _MAX_DESCRIPTION = 64
+# Relative difference in pixel spacing from the training data above which enhancement warns.
+SPACING_TOLERANCE = 0.10
+
+
+def _mm(spacing) -> str:
+    """`2.03 × 2.03 mm`: an in-plane (row, column) pixel spacing for a message."""
+    return f"{spacing[0]:.3g} × {spacing[1]:.3g} mm"
+
+
 # Derived series are numbered after their source, so viewers list them beside it.
 _SERIES_NUMBER_OFFSET = 1000
 
@@ -156,7 +165,8 @@ def _overlay(defaults: ml_collections.ConfigDict, saved: dict) -> ml_collections
 
 
 def read_data_info(workdir) -> dict | None:
-    """`<workdir>/data_info.json` ({"units", "image_size", "root"}), or None when absent."""
+    """`<workdir>/data_info.json` ({"units", "image_size", "pixel_spacing_mm", "root"}), or
+    None when absent."""
     path = Path(workdir) / "data_info.json"
     if not path.is_file():
         return None
@@ -213,7 +223,8 @@ class SuperResolver:
       config: the run's locked config. params: the restored network params.
       model: the Flax module. scale: the downscaling factor the model was trained for.
       workdir: where it was loaded from (None when built from params directly).
-      data_info: the training data's {"units", "image_size", "root"}, or None when unknown.
+      data_info: the training data's {"units", "image_size", "pixel_spacing_mm", "root"}, or
+        None when unknown.
       batch_size: slices per device call.
     """
 
@@ -272,7 +283,7 @@ class SuperResolver:
         intensity distribution of its training data, so a scan in other units (e.g. SUV for a
         Bq/mL-trained model) is refused rather than silently enhanced. A model of the paper's
         domain scales every slice to its own 8-bit range, so units cannot matter to it. A
-        different slice size only warns: the networks are fully convolutional.
+        pixel spacing more than `SPACING_TOLERANCE` from the training data's only warns.
 
         Raises:
           IncompatibleInput: channels or units do not fit; the message names the input.
@@ -306,13 +317,33 @@ class SuperResolver:
                 f"{name}: the input is in {volume.units} but the model was trained on {trained} "
                 f"data (units in {self.workdir or 'the workdir'}/data_info.json){hint}"
             )
-        size = None if self.data_info is None else self.data_info.get("image_size")
-        if size and list(volume.shape[1:]) != list(size):
-            problems.append(
-                f"{name}: slices are {volume.shape[1]}x{volume.shape[2]} but the model was "
-                f"trained on {size[0]}x{size[1]} slices; check that the pixel size is comparable"
-            )
+        problems += self._spacing_problems(volume, name)
         return problems
+
+    def _spacing_problems(self, volume: Volume, name: str) -> list[str]:
+        """A warning when the input's pixels differ in size from the training data's by more
+        than `SPACING_TOLERANCE`: the network learned structures of a size in pixels, so the same
+        anatomy at another pixel size is not what it was trained to sharpen. The matrix size
+        does not matter (the networks are fully convolutional)."""
+        info = self.data_info or {}
+        trained = info.get("pixel_spacing_mm")
+        where = f"{self.workdir or 'the workdir'}/data_info.json"
+        if not trained:
+            if info.get("image_size") and list(volume.shape[1:]) != list(info["image_size"]):
+                return [
+                    f"{name}: {where} does not record the training data's pixel spacing, so "
+                    f"the input's {_mm(volume.spacing[1:])} pixels cannot be checked against it"
+                ]
+            return []
+        ratios = [s / t for s, t in zip(volume.spacing[1:], trained, strict=True)]
+        if all(abs(r - 1) <= SPACING_TOLERANCE for r in ratios):
+            return []
+        return [
+            f"{name}: pixels are {_mm(volume.spacing[1:])} but the model was trained on "
+            f"{_mm(trained)} pixels ({where}); a difference over {SPACING_TOLERANCE:.0%} changes "
+            "what the network sees: resample the scan to about the training spacing, or expect "
+            "a weaker result"
+        ]
 
     # -- the two modes ----------------------------------------------------------------------
 

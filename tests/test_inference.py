@@ -137,8 +137,18 @@ def test_unknown_training_units_accept_with_a_warning(tiny_deepsr, volume):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_deepsr(volume)  # matching units: no warning
-    problems = tiny_deepsr.check_input(volume.replace(data=np.ones((2, 16, 16), np.float32)))
-    assert any("16x16" in p for p in problems)
+
+
+def test_pixel_spacing_not_matrix_size_is_compared_with_the_training_data(tiny_deepsr, volume):
+    assert tiny_deepsr.data_info["pixel_spacing_mm"] == [2.0, 2.0]  # make_nifti_root's spacing
+    smaller_matrix = volume.replace(data=np.ones((2, 16, 16), np.float32))
+    assert tiny_deepsr.check_input(smaller_matrix) == []
+    within_tolerance = volume.replace(spacing=(2.0, 2.1, 2.1))
+    assert tiny_deepsr.check_input(within_tolerance) == []
+    [problem] = tiny_deepsr.check_input(volume.replace(spacing=(2.0, 2.6, 2.6)))
+    assert "2.6 × 2.6 mm" in problem and "2 × 2 mm" in problem and "data_info.json" in problem
+    with pytest.warns(UserWarning, match="pixels are 2.6 × 2.6 mm"):
+        tiny_deepsr(volume.replace(spacing=(2.0, 2.6, 2.6)))
 
 
 def test_a_model_with_prior_channels_is_refused_on_pet_alone(tiny_deepsr, volume):
