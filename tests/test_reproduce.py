@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from conftest import blob_volume, make_nifti_root
 
-from petsr_jax import checkpoint, io, reproduce
+from petsr_jax import checkpoint, io
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import build_config
+from petsr_jax.experiments import reproduce
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
 
