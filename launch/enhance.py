@@ -9,8 +9,13 @@ NIfTI file each, as a data root). Each patient gets `<output>/<name>/` (DICOM) a
 `<output>/<name>.nii.gz`, in the input's physical units and geometry. --mode=enhance applies the
 network to the scan as it is; --mode=reconstruct degrades it by the model's scale first and
 prints PSNR / SSIM of bicubic and SR against the original. Everything that would be refused (an
-output inside the input, an existing output, an input in other units than the training data) is
-refused before the first file is written.
+output inside the input, an existing output, an input of another quantity than the training data) is
+refused before the first file is written. A scan in other units than the training data is
+enhanced when the two differ by a constant factor (SUVbw vs Bq/mL: normalisation removes it),
+with a warning; another modality or quantity (a parametric map...) is refused unless
+--allow_units. Outputs hold no negative activity (clipped at 0), and each scan's change of total
+and maximum activity against its input is printed and recorded in
+`<output>/activity_changes.json`.
 """
 
 from petsr_jax import cpu
@@ -23,7 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from petsr_jax import checkpoint, data, inference, io, metrics  # noqa: E402
+from petsr_jax import checkpoint, data, inference, io, metrics, quantitation  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder, NIfTI file or patients folder.")
@@ -36,6 +41,13 @@ _FORMAT = flags.DEFINE_enum(
 )
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 0, "Slices per device call (0 = the run's eval.batch_size)."
+)
+_ALLOW_UNITS = flags.DEFINE_bool(
+    "allow_units",
+    False,
+    "Enhance a scan whose modality or units hold another quantity than the training data's "
+    "(e.g. a parametric map), which is refused otherwise. A change of unit (SUVbw, kBq/mL) "
+    "never needs it.",
 )
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ("best", "last"), "Which params to use.")
 
@@ -86,7 +98,9 @@ def _enhance_one(sr, volume, mode: str, progress) -> tuple[io.Volume, dict | Non
     else:
         bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress)
         scores = reconstruction_scores(normalised, bicubic, restored)
-    return volume.replace(data=data.denormalise(restored, factor)), scores
+    # Activity is never negative; the clipped voxels are counted for the report.
+    activity, clipped = quantitation.clip_negative(data.denormalise(restored, factor))
+    return volume.replace(data=activity, meta={**volume.meta, "clipped_voxels": clipped}), scores
 
 
 def _write(job, volume, description: str) -> list[str]:
@@ -101,7 +115,30 @@ def _write(job, volume, description: str) -> list[str]:
     return [str(path) for path in written]
 
 
-def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, which) -> int:
+def _report_activity(name: str, source, result, output_dir) -> None:
+    """Print how enhancement changed the scan's total and maximum activity, and record it in
+    `<output>/activity_changes.json` (updated after each scan, so it matches what is on disk)."""
+    change = quantitation.activity_change(
+        source.data,
+        result.data,
+        units=source.units,
+        clipped_voxels=result.meta.get("clipped_voxels", 0),
+    )
+    path = quantitation.record_changes(output_dir, {name: change})
+    tqdm.write(f"{name}: activity vs input: {change.summary()} (recorded in {path})")
+
+
+def run(
+    workdir,
+    input_path,
+    output_dir,
+    *,
+    mode,
+    output_format,
+    batch_size,
+    which,
+    allow_units=False,
+) -> int:
     """Enhance every patient of `input_path`; print what was written (and scores)."""
     jobs = inference.plan_outputs(input_path, output_dir, output_format)
     sr = inference.load(workdir, which=which, batch_size=batch_size or None)
@@ -110,7 +147,8 @@ def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, whi
     kept = None
     for job in jobs:
         volume = io.read_volume(job.source)
-        for problem in sr.check_input(volume, name=str(job.source)):
+        checked = sr.check_input(volume, str(job.source), check_units=not allow_units)
+        for problem in checked:
             logging.warning("%s", problem)
         kept = volume if len(jobs) == 1 else None
     description = sr.describe(mode)
@@ -122,6 +160,7 @@ def run(workdir, input_path, output_dir, *, mode, output_format, batch_size, whi
             result, scores = _enhance_one(sr, volume, mode, bar.update)
         for path in _write(job, result, description):
             tqdm.write(f"{job.name}: wrote {path}")
+        _report_activity(job.name, volume, result, output_dir)
         if scores is not None:
             all_scores.append((job.name, scores))
     if all_scores:
@@ -153,6 +192,7 @@ def main(argv):
             output_format=_FORMAT.value,
             batch_size=_BATCH_SIZE.value,
             which=_CHECKPOINT.value,
+            allow_units=_ALLOW_UNITS.value,
         )
     except (
         inference.InferenceError,

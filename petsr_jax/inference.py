@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from petsr_jax import checkpoint, data
+from petsr_jax import checkpoint, data, quantitation
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import base_config
 from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation.predict import map_batches
+from petsr_jax.io.units import is_activity_concentration
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
 
@@ -51,6 +52,11 @@ MODES = ("enhance", "reconstruct")
 FORMATS = ("auto", "dicom", "nifti", "both")
 # Units that say nothing about the data; a model trained on them is not checked against inputs.
 _UNCHECKED_UNITS = frozenset({"unknown", "mixed", "", None})
+# How a user accepts an input the unit checks refuse, named in every such refusal.
+UNITS_OVERRIDE = (
+    "if you know the scan fits the model, enhance it anyway with "
+    "sr(volume, check_units=False) or launch/enhance.py --allow_units"
+)
 # DICOM SeriesDescription is a 64-character LO element.
 _MAX_DESCRIPTION = 64
 # Relative difference in pixel spacing from the training data above which enhancement warns.
@@ -276,49 +282,91 @@ class SuperResolver:
                 "image(s), config model.in_channels) but enhancement supplies the PET only"
             )
 
-    def check_input(self, volume: Volume, name: str | None = None) -> list[str]:
+    def check_input(
+        self, volume: Volume, name: str | None = None, *, check_units: bool = True
+    ) -> list[str]:
         """Refuse a volume this model does not fit; return warnings about what cannot be checked.
 
-        Per-volume normalisation removes a global unit factor, but the model learned the
-        intensity distribution of its training data, so a scan in other units (e.g. SUV for a
-        Bq/mL-trained model) is refused rather than silently enhanced. A model of the paper's
-        domain scales every slice to its own 8-bit range, so units cannot matter to it. A
-        pixel spacing more than `SPACING_TOLERANCE` from the training data's only warns.
+        The network sees each volume divided by its maximum (or each slice min–max scaled), so
+        a scan whose units differ from the training data's by a constant factor (SUVbw, Bq/mL,
+        kBq/mL, counts: `io.units.is_activity_concentration`) gives the network exactly the
+        input it would in the training units: it is enhanced with a warning, and the output
+        stays in the input's units. What can matter is refused (`_units_problems`): a scan of
+        another modality than PET, or units that hold another quantity (a parametric map,
+        an attenuation map, percentages); `check_units=False` accepts these with a warning, for
+        a user who knows better than the header. A pixel spacing more than
+        `SPACING_TOLERANCE` from the training data's only warns.
 
         Raises:
-          IncompatibleInput: channels or units do not fit; the message names the input.
+          IncompatibleInput: channels, modality or units do not fit; the message names the
+            input.
         """
         name = name or str(volume.meta.get("source_path", volume.patient_id))
         self._check_channels()
-        problems = []
-        trained = self.trained_units
-        if self.domain == "paper":
-            pass  # per-slice min–max: any linear unit gives the same network input
-        elif self.data_info is None:
-            problems.append(
-                f"{name}: the workdir has no data_info.json, so the training data's units are "
-                f"unknown; accepting {volume.units} input unchecked"
-            )
-        elif trained in _UNCHECKED_UNITS:
-            problems.append(
-                f"{name}: the training data's units are {trained!r}; accepting {volume.units} "
-                "input unchecked"
-            )
-        elif volume.units in _UNCHECKED_UNITS:
-            problems.append(
-                f"{name}: the input does not state its units; the model was trained on "
-                f"{trained} data"
-            )
-        elif volume.units != trained:
-            hint = ""
-            if trained == "SUVbw" and "suv_factor" in volume.meta:
-                hint = "; io.read_volume(path, units='SUVbw') converts this scan to SUVbw"
-            raise IncompatibleInput(
-                f"{name}: the input is in {volume.units} but the model was trained on {trained} "
-                f"data (units in {self.workdir or 'the workdir'}/data_info.json){hint}"
-            )
+        problems = self._units_problems(volume, name, check_units)
         problems += self._spacing_problems(volume, name)
         return problems
+
+    def _units_problems(self, volume: Volume, name: str, check_units: bool) -> list[str]:
+        """Warnings about the input's units; an `IncompatibleInput` for a modality or quantity
+        the model was not trained on, unless `check_units` is False (then a warning)."""
+        refusal = _modality_refusal(volume, name) or self._quantity_refusal(volume, name)
+        if refusal and check_units:
+            raise IncompatibleInput(f"{refusal}; {UNITS_OVERRIDE}")
+        if refusal:
+            return [f"{refusal}; enhanced anyway, as check_units=False asks"]
+        return self._units_warnings(volume, name)
+
+    def _quantity_refusal(self, volume: Volume, name: str) -> str | None:
+        """Why the input holds another quantity than the training data, or None. Unknown units
+        cannot be judged and only warn (`_units_warnings`)."""
+        trained, units = self.trained_units, volume.units
+        if units in _UNCHECKED_UNITS or units == trained:
+            return None
+        input_is_activity = is_activity_concentration(units)
+        trained_on_activity = trained in _UNCHECKED_UNITS or is_activity_concentration(trained)
+        if input_is_activity and trained_on_activity:
+            return None  # a constant factor: normalisation removes it
+        what = (
+            "an activity concentration"
+            if input_is_activity
+            else "not an activity concentration (a parametric or attenuation map, or relative "
+            "values)"
+        )
+        trained_on = f"{trained} data" if trained not in _UNCHECKED_UNITS else "PET activity"
+        return (
+            f"{name}: the input is in {units}, {what}, but the model was trained on {trained_on} "
+            f"(units in {self.workdir or 'the workdir'}/data_info.json): another quantity, "
+            "unlike another unit, changes what the network sees"
+        )
+
+    def _units_warnings(self, volume: Volume, name: str) -> list[str]:
+        """What the user should know about units that do not change the network's input."""
+        trained, units = self.trained_units, volume.units
+        if self.domain == "paper":
+            return []  # per-slice min–max: any linear unit gives the same network input
+        if self.data_info is None:
+            return [
+                f"{name}: the workdir has no data_info.json, so the training data's units are "
+                f"unknown; accepting {units} input unchecked"
+            ]
+        if trained in _UNCHECKED_UNITS:
+            return [
+                f"{name}: the training data's units are {trained!r}; accepting {units} input "
+                "unchecked"
+            ]
+        if units in _UNCHECKED_UNITS:
+            return [
+                f"{name}: the input does not state its units; the model was trained on "
+                f"{trained} data, enhanced as if the input were an activity concentration"
+            ]
+        if units != trained:
+            return [
+                f"{name}: the input is in {units}, the model was trained on {trained} data; "
+                "the two differ by a constant factor that per-volume normalisation removes, so "
+                f"the scan is enhanced and the output stays in {units}"
+            ]
+        return []
 
     def _spacing_problems(self, volume: Volume, name: str) -> list[str]:
         """A warning when the input's pixels differ in size from the training data's by more
@@ -367,28 +415,36 @@ class SuperResolver:
         )
         return data.from_domain(bicubic, low, span), data.from_domain(sr, low, span)
 
-    def __call__(self, x, *, batch_size: int | None = None, progress=None):
+    def __call__(
+        self, x, *, check_units: bool = True, batch_size: int | None = None, progress=None
+    ):
         """Enhance `x` (slice, stack or Volume) at its own resolution; same kind and units.
 
-        A Volume is checked first (`check_input`: refused when its units do not fit, warnings
-        for what cannot be checked). `progress(n)` is called after every `n` slices.
+        A Volume is checked first (`check_input`: refused when its modality or the quantity
+        its units hold do not fit, unless `check_units=False`; warnings for a change of unit
+        and what cannot be checked). `progress(n)` is called after every `n` slices. Negative
+        activity in the result is clipped to 0 (`quantitation.clip_negative`); a Volume result
+        counts the clipped voxels in `meta["clipped_voxels"]`.
         """
         if isinstance(x, Volume):
-            for problem in self.check_input(x):
+            for problem in self.check_input(x, check_units=check_units):
                 warnings.warn(problem, stacklevel=2)
         slices, rebuild = _as_slices(x)
         normalised, factor = _normalise(slices)
         out = self.enhance_normalised(normalised, batch_size=batch_size, progress=progress)
-        return rebuild(data.denormalise(out, factor))
+        return _physical(rebuild, data.denormalise(out, factor))
 
-    def reconstruct(self, x, *, batch_size: int | None = None, progress=None) -> Reconstruction:
+    def reconstruct(
+        self, x, *, check_units: bool = True, batch_size: int | None = None, progress=None
+    ) -> Reconstruction:
         """Degrade `x` by the model's scale, then recover it: `Reconstruction(bicubic, sr)`.
 
         Both come back in `x`'s kind and units; `bicubic` is exactly the network's input
-        (`degrade` of the normalised `x`, scaled back).
+        (`degrade` of the normalised `x`, scaled back, bicubic overshoot included); `sr` is
+        clipped at 0 as in `__call__`. `check_units` as in `__call__`.
         """
         if isinstance(x, Volume):
-            for problem in self.check_input(x):
+            for problem in self.check_input(x, check_units=check_units):
                 warnings.warn(problem, stacklevel=2)
         slices, rebuild = _as_slices(x)
         normalised, factor = _normalise(slices)
@@ -396,8 +452,32 @@ class SuperResolver:
             normalised, batch_size=batch_size, progress=progress
         )
         return Reconstruction(
-            rebuild(data.denormalise(bicubic, factor)), rebuild(data.denormalise(sr, factor))
+            rebuild(data.denormalise(bicubic, factor)),
+            _physical(rebuild, data.denormalise(sr, factor)),
         )
+
+
+def _physical(rebuild: Callable, activity: np.ndarray):
+    """`activity` without negative voxels, in the caller's kind (`_as_slices`); a Volume keeps
+    the number of clipped voxels in `meta["clipped_voxels"]`."""
+    activity, clipped = quantitation.clip_negative(activity)
+    result = rebuild(activity)
+    if isinstance(result, Volume):
+        result = result.replace(meta={**result.meta, "clipped_voxels": clipped})
+    return result
+
+
+def _modality_refusal(volume: Volume, name: str) -> str | None:
+    """Why a DICOM series of another modality than PET cannot be enhanced by a PET model."""
+    if not volume.headers:
+        return None
+    modality = str(volume.headers[0].get("Modality", "") or "").strip()
+    if modality in ("", "PT"):
+        return None
+    return (
+        f"{name}: the series is of modality {modality}, not PET (PT); the model learned PET "
+        "images, and another modality's contrast and noise are not what it restores"
+    )
 
 
 def _normalise(slices: np.ndarray) -> tuple[np.ndarray, float]:

@@ -2,6 +2,7 @@
 and units, values equal to the library's, the input untouched, and every refusal case."""
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -144,14 +145,43 @@ def test_refuses_an_unknown_mode(tiny_deepsr_workdir, dicom_input, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_an_input_in_other_units(tiny_deepsr_workdir, nifti_root, tmp_path):
-    suv = io.read_volume(nifti_root / "pat-03.nii.gz")
-    io.write_nifti(suv.replace(data=suv.data / 5e3, units="SUVbw"), tmp_path / "suv.nii.gz")
+def test_a_change_of_unit_is_enhanced_and_activity_changes_are_printed_and_recorded(
+    tiny_deepsr_workdir, nifti_root, tmp_path
+):
+    source = io.read_volume(nifti_root / "pat-03.nii.gz")
+    suv = source.replace(data=source.data / 5e3, units="SUVbw")
+    io.write_nifti(suv, tmp_path / "suv.nii.gz")
     run = _enhance(
         f"--workdir={tiny_deepsr_workdir}",
         f"--input={tmp_path / 'suv.nii.gz'}",
         f"--output={tmp_path}/out",
     )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "SUVbw" in run.stderr and "constant factor" in run.stderr
+    result = io.read_volume(tmp_path / "out" / "suv.nii.gz")
+    assert result.units == "SUVbw" and result.data.min() >= 0
+    record = json.loads((tmp_path / "out" / "activity_changes.json").read_text())["suv"]
+    total = result.data.astype(np.float64).sum() / suv.data.astype(np.float64).sum() - 1
+    peak = result.data.max() / suv.data.max() - 1
+    assert record["total_change"] == pytest.approx(total, abs=1e-5)
+    assert record["max_change"] == pytest.approx(peak, abs=1e-5)
+    assert record["units"] == "SUVbw" and record["voxels"] == suv.data.size
+    printed = f"suv: activity vs input: total {total * 100:+.1f} %, max {peak * 100:+.1f} %"
+    assert printed.replace("-", "−") in run.stdout + run.stderr
+
+
+def test_refuses_another_quantity_unless_allowed(tiny_deepsr_workdir, nifti_root, tmp_path):
+    source = io.read_volume(nifti_root / "pat-03.nii.gz")
+    io.write_nifti(source.replace(units="MGMINML"), tmp_path / "patlak.nii.gz")
+    args = (
+        f"--workdir={tiny_deepsr_workdir}",
+        f"--input={tmp_path / 'patlak.nii.gz'}",
+        f"--output={tmp_path}/out",
+    )
+    run = _enhance(*args)
     assert run.returncode != 0
-    assert "SUVbw" in run.stderr and "trained on BQML" in run.stderr
+    assert "MGMINML" in run.stderr and "--allow_units" in run.stderr
     assert not (tmp_path / "out").exists()
+    run = _enhance(*args, "--allow_units")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert io.read_volume(tmp_path / "out" / "patlak.nii.gz").units == "MGMINML"

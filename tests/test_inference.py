@@ -24,8 +24,10 @@ def volume(nifti_root):
 
 
 def _by_hand(tiny_deepsr, normalised_nhwc):
-    """The network on normalised NHWC slices, without the SuperResolver's batching."""
-    return np.asarray(tiny_deepsr.model.apply({"params": tiny_deepsr.params}, normalised_nhwc))
+    """The network on normalised NHWC slices, without the SuperResolver's batching, negative
+    activity clipped to 0 as outputs are."""
+    out = tiny_deepsr.model.apply({"params": tiny_deepsr.params}, normalised_nhwc)
+    return np.maximum(np.asarray(out), 0)
 
 
 def test_load_restores_the_config_and_the_best_params(tiny_deepsr_workdir, tiny_deepsr):
@@ -103,8 +105,8 @@ def test_bad_inputs_are_refused_with_a_reason(tiny_deepsr, volume, tmp_path):
         tiny_deepsr(np.zeros((8, 8)))
     with pytest.raises(inference.InferenceError, match="NaN"):
         tiny_deepsr(np.full((8, 8), np.nan))
-    with pytest.raises(inference.IncompatibleInput, match="SUVbw.*BQML"):
-        tiny_deepsr(volume.replace(units="SUVbw"))
+    with pytest.raises(inference.IncompatibleInput, match="MGMINML.*BQML"):
+        tiny_deepsr(volume.replace(units="MGMINML"))
     with pytest.raises(inference.InferenceError, match="config.json"):
         petsr_jax.load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model": {"name": "deepsr"}}))
@@ -137,6 +139,44 @@ def test_unknown_training_units_accept_with_a_warning(tiny_deepsr, volume):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_deepsr(volume)  # matching units: no warning
+
+
+def test_a_change_of_unit_is_enhanced_with_a_warning_in_the_input_units(tiny_deepsr, volume):
+    in_bqml = tiny_deepsr(volume)
+    suv = volume.replace(data=volume.data / 5e3, units="SUVbw")
+    with pytest.warns(UserWarning, match="SUVbw.*BQML.*constant factor"):
+        in_suv = tiny_deepsr(suv)
+    assert in_suv.units == "SUVbw"
+    np.testing.assert_allclose(in_suv.data, in_bqml.data / 5e3, rtol=1e-4, atol=1e-6)
+    with pytest.warns(UserWarning, match="kBq/mL"):
+        tiny_deepsr(volume.replace(data=volume.data / 1e3, units="kBq/mL"))
+
+
+def test_another_quantity_or_modality_is_refused_naming_the_override(tiny_deepsr, volume):
+    from pydicom.dataset import Dataset
+
+    parametric = volume.replace(units="MGMINML")  # a Patlak glucose-rate map, not activity
+    with pytest.raises(inference.IncompatibleInput, match="check_units=False.*--allow_units"):
+        tiny_deepsr(parametric)
+    with pytest.warns(UserWarning, match="MGMINML.*enhanced anyway"):
+        assert tiny_deepsr(parametric, check_units=False).units == "MGMINML"
+    ct = volume.replace(headers=[Dataset()] * volume.shape[0])
+    ct.headers[0].Modality = "CT"
+    with pytest.raises(inference.IncompatibleInput, match="modality CT, not PET"):
+        tiny_deepsr.check_input(ct)
+
+
+def test_negative_activity_is_clipped_and_counted(tiny_deepsr, volume, monkeypatch):
+    def undershooting(slices, **_):
+        return slices - 0.5  # a network that rings below zero
+
+    monkeypatch.setattr(tiny_deepsr, "enhance_normalised", undershooting)
+    enhanced = tiny_deepsr(volume)
+    peak = volume.data.max()
+    expected = np.maximum(volume.data - 0.5 * peak, 0)
+    np.testing.assert_allclose(enhanced.data, expected, rtol=1e-6, atol=1e-6 * peak)
+    assert enhanced.meta["clipped_voxels"] == np.count_nonzero(volume.data < 0.5 * peak) > 0
+    assert tiny_deepsr(volume.data).min() == 0.0  # arrays are clipped too
 
 
 def test_pixel_spacing_not_matrix_size_is_compared_with_the_training_data(tiny_deepsr, volume):

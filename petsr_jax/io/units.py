@@ -169,3 +169,19 @@ def convert_units(volume: Volume, units: str | None, source: Path) -> Volume:
         units="SUVbw",
         meta={**volume.meta, "suv_factor": factor},
     )
+
+
+# Units that are the tracer's activity concentration times a constant of the scan (calibration,
+# body weight / dose for SUV, frame duration for counts): per-volume normalisation makes any two
+# of them give the same network input. Parametric maps (MGMINML, MLMINML...), attenuation (1CM)
+# and relative units (PCNT, STDDEV) hold another quantity. Compared without case, "/" or spaces.
+_ACTIVITY_UNITS = frozenset(
+    {"BQML", "KBQML", "MBQML", "SUVBW", "GML", "CNTS", "CPS", "PROPCNTS", "PROPCPS"}
+)
+
+
+def is_activity_concentration(units: str | None) -> bool:
+    """Whether `units` are a constant multiple of activity concentration (Bq/mL, kBq/mL, SUV,
+    counts): a change among them is linear and leaves a normalised image unchanged."""
+    spelled = str(units or "").replace("/", "").replace(" ", "").upper()
+    return spelled in _ACTIVITY_UNITS
