@@ -6,6 +6,7 @@ Run from the repository root:
     python launch/main.py --config=configs/deepsr.py:scale=8,gpu          # on one GPU, bfloat16
     python launch/main.py --config=configs/deepsr.py:scale=8,quick        # 2-core CPU, minutes
     python launch/main.py --config=configs/deepsr.py:scale=8,quick,paper  # the authors' domain
+    python launch/main.py --config=configs/deepsr.py:scale=8,quick,mr     # PET + T1 input
     python launch/main.py --config=configs/deepsr.py:scale=12 --config.model.global_skip=image
     python launch/ablate.py --config=configs/deepsr.py:scale=8 --sweep=depth --values=5,10,20,30
 
@@ -81,6 +82,11 @@ VARIANTS = {
         "model.width": 32,
         "train.lr": 5e-4,
     },
+    # MR-guided: the co-registered T1 slice as a second input channel (full resolution, not
+    # degraded); the output and the residual stay PET only. Combines with the others:
+    # `quick,mr`. Add the radial and axial coordinate channels with `mr.coordinates=true,
+    # model.in_channels=4`.
+    "mr": {"mr.t1": True, "model.in_channels": 2},
     # Unit-test sized: a few steps of a 2-block network on the tiny cohort.
     "tiny": {
         "data.cohort": "tiny",

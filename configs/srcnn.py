@@ -6,6 +6,7 @@ Run from the repository root:
     python launch/main.py --config=configs/srcnn.py:scale=8,gpu           # on one GPU, bfloat16
     python launch/main.py --config=configs/srcnn.py:scale=8,quick         # 2-core CPU, minutes
     python launch/main.py --config=configs/srcnn.py:scale=8,quick,paper   # the authors' domain
+    python launch/main.py --config=configs/srcnn.py:scale=8,quick,mr     # PET + T1 input
     python launch/main.py --config=configs/srcnn.py:scale=16 --config.train.epochs=100
 
 After the colon come variants by name (`VARIANTS` below, applied first, in the order given) and
@@ -68,6 +69,11 @@ VARIANTS = {
         "train.checkpoint_every_steps": 200,
         "eval.lpips": False,
     },
+    # MR-guided: the co-registered T1 slice as a second input channel (full resolution, not
+    # degraded); the output and the residual stay PET only. Combines with the others:
+    # `quick,mr`. Add the radial and axial coordinate channels with `mr.coordinates=true,
+    # model.in_channels=4`.
+    "mr": {"mr.t1": True, "model.in_channels": 2},
     # Unit-test sized: a few steps on the tiny cohort.
     "tiny": {
         "data.cohort": "tiny",

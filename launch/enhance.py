@@ -3,6 +3,7 @@
 python launch/enhance.py --workdir=runs/deepsr_x8 --input=scan_dicom/ --output=enhanced/
 python launch/enhance.py --workdir=runs/deepsr_x8 --input=patients/ --output=out/ \
     --mode=reconstruct --format=both
+python launch/enhance.py --workdir=runs/deepsr_x8_mr --input=pet/ --mr=t1.nii.gz --output=out/
 
 --input is a DICOM series folder, a NIfTI file, or a folder of patients (one DICOM folder or
 NIfTI file each, as a data root). Each patient gets `<output>/<name>/` (DICOM) and/or
@@ -15,7 +16,9 @@ enhanced when the two differ by a constant factor (SUVbw vs Bq/mL: normalisation
 with a warning; another modality or quantity (a parametric map...) is refused unless
 --allow_units. Outputs hold no negative activity (clipped at 0), and each scan's change of total
 and maximum activity against its input is printed and recorded in
-`<output>/activity_changes.json`.
+`<output>/activity_changes.json`. A model trained with MR guidance (the `mr` config
+flag) needs --mr, the scan's co-registered T1 (a DICOM series folder or NIfTI file on the PET's
+grid); any other model refuses --mr.
 """
 
 from petsr_jax import cpu
@@ -41,6 +44,12 @@ _FORMAT = flags.DEFINE_enum(
 )
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 0, "Slices per device call (0 = the run's eval.batch_size)."
+)
+_MR = flags.DEFINE_string(
+    "mr",
+    None,
+    "Co-registered T1 (DICOM series folder or NIfTI) of a single --input scan, for "
+    "a model trained with MR guidance.",
 )
 _ALLOW_UNITS = flags.DEFINE_bool(
     "allow_units",
@@ -89,14 +98,16 @@ def _pooled(all_scores: list[tuple[str, dict]]) -> dict:
     return pooled
 
 
-def _enhance_one(sr, volume, mode: str, progress) -> tuple[io.Volume, dict | None]:
+def _enhance_one(sr, volume, mode: str, progress, t1=None) -> tuple[io.Volume, dict | None]:
     """The output volume of one patient and, in reconstruct mode, its scores."""
     # The network's range, as training saw it: the volume divided by its maximum.
     normalised, factor = data.normalise(volume.data)
+    guide = sr.guide_for(t1, volume)
     if mode == "enhance":
-        restored, scores = sr.enhance_normalised(normalised, progress=progress), None
+        restored = sr.enhance_normalised(normalised, progress=progress, guide=guide)
+        scores = None
     else:
-        bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress)
+        bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress, guide=guide)
         scores = reconstruction_scores(normalised, bicubic, restored)
     # Activity is never negative; the clipped voxels are counted for the report.
     activity, clipped = quantitation.clip_negative(data.denormalise(restored, factor))
@@ -128,6 +139,18 @@ def _report_activity(name: str, source, result, output_dir) -> None:
     tqdm.write(f"{name}: activity vs input: {change.summary()} (recorded in {path})")
 
 
+def _read_t1(mr_path, jobs) -> io.Volume | None:
+    """The T1 given with --mr, which names the T1 of one scan."""
+    if mr_path is None:
+        return None
+    if len(jobs) != 1:
+        raise inference.InferenceError(
+            f"--mr={mr_path} is the T1 of one scan but --input holds {len(jobs)}; enhance them "
+            "one at a time, each with its own --mr"
+        )
+    return io.read_volume(mr_path)
+
+
 def run(
     workdir,
     input_path,
@@ -137,17 +160,19 @@ def run(
     output_format,
     batch_size,
     which,
+    mr_path=None,
     allow_units=False,
 ) -> int:
     """Enhance every patient of `input_path`; print what was written (and scores)."""
     jobs = inference.plan_outputs(input_path, output_dir, output_format)
     sr = inference.load(workdir, which=which, batch_size=batch_size or None)
+    t1 = _read_t1(mr_path, jobs)
     # Every scan is read and checked before the first output is written, so an input the model
     # does not fit leaves nothing behind. Only a single scan is kept between the two passes.
     kept = None
     for job in jobs:
         volume = io.read_volume(job.source)
-        checked = sr.check_input(volume, str(job.source), check_units=not allow_units)
+        checked = sr.check_input(volume, str(job.source), mr=t1, check_units=not allow_units)
         for problem in checked:
             logging.warning("%s", problem)
         kept = volume if len(jobs) == 1 else None
@@ -157,7 +182,7 @@ def run(
     for job in tqdm(jobs, unit="patient", desc=mode, disable=len(jobs) == 1):
         volume = kept if kept is not None else io.read_volume(job.source)
         with tqdm(total=volume.shape[0], unit="slice", desc=job.name, leave=False) as bar:
-            result, scores = _enhance_one(sr, volume, mode, bar.update)
+            result, scores = _enhance_one(sr, volume, mode, bar.update, t1)
         for path in _write(job, result, description):
             tqdm.write(f"{job.name}: wrote {path}")
         _report_activity(job.name, volume, result, output_dir)
@@ -192,6 +217,7 @@ def main(argv):
             output_format=_FORMAT.value,
             batch_size=_BATCH_SIZE.value,
             which=_CHECKPOINT.value,
+            mr_path=_MR.value,
             allow_units=_ALLOW_UNITS.value,
         )
     except (

@@ -35,8 +35,8 @@ MODELS = ("srcnn", "deepsr")
 
 # The bare flags every config file offers, each a variant defined in the file's `VARIANTS`:
 # `quick` (a 2-core CPU, minutes), `tiny` (unit tests), `paper` (the authors' data domain and
-# training) and `gpu` (one GPU, bfloat16).
-FLAGS = ("gpu", "paper", "quick", "tiny")
+# training), `gpu` (one GPU, bfloat16) and `mr` (the co-registered T1 as a second input channel).
+FLAGS = ("gpu", "mr", "paper", "quick", "tiny")
 
 # Where `build_config` finds the config files: the `configs/` folder of a source checkout.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -74,6 +74,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # Residual branches scaled by this before they are added (EDSR: 0.1); 1 = the paper.
             "residual_scale": 1.0,
             "remat": False,
+            # Input channels: 1 (the PET) plus the MR guidance channels `mr` asks for
+            # (`petsr_jax.data.mr.input_channels`); validate() checks the two agree.
             "in_channels": 1,
             # How convolutions are computed, not what: "auto" takes flax's nn.Conv, or on one
             # CPU device petsr_jax.cpu's kernels; or "flax" / "cpu" / "onednn" (see
@@ -108,6 +110,17 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "flip": True,
             # Grain worker processes for the training loader (0 = in the main process).
             "num_workers": 0,
+        }
+    )
+    # MR guidance (Song et al. 2020), off in the paper protocol: the co-registered T1
+    # (<root>/t1/<patient>.nii.gz, full resolution, never degraded) and optionally the radial and
+    # axial position of each pixel enter the network beside the degraded PET; the output and the
+    # global residual stay PET only. See petsr_jax.data.mr.
+    c.mr = ml_collections.ConfigDict(
+        {
+            "t1": False,
+            # Two more channels: distance from the slice centre and position along the axis.
+            "coordinates": False,
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -388,6 +401,7 @@ def validate(config, num_devices: int | None = None) -> None:
         errors.append(f"model.conv: expected one of {', '.join(CONVS)}, got {m.conv!r}")
     if m.num_blocks < 0 or m.width < 1 or m.in_channels < 1:
         errors.append("model.num_blocks must be ≥ 0, model.width and model.in_channels ≥ 1")
+    errors += _mr_problems(config)
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
         errors.append(
             f"compute_dtype: expected float32|bfloat16|float16, got {config.compute_dtype!r}"
@@ -446,6 +460,24 @@ def validate(config, num_devices: int | None = None) -> None:
         errors.append("eval.batch_size must be ≥ 1")
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _mr_problems(config) -> list[str]:
+    """The MR guidance fields against the network's input channels: a mismatch would only
+    surface as a shape error deep inside the first train step."""
+    from petsr_jax.data.mr import input_channels
+
+    problems = []
+    if config.mr.coordinates and not config.mr.t1:
+        problems.append("mr.coordinates: the coordinate channels come with the T1; set mr.t1=true")
+    expected = input_channels(config)
+    if config.model.in_channels != expected:
+        problems.append(
+            f"model.in_channels: {config.model.in_channels}, but mr.t1={config.mr.t1} and "
+            f"mr.coordinates={config.mr.coordinates} feed {expected} channels (PET, T1, radial, "
+            f"axial as set); set model.in_channels={expected}"
+        )
+    return problems
 
 
 def _is_range(text: str) -> bool:

@@ -3,6 +3,7 @@
     import petsr_jax
     sr = petsr_jax.load("runs/deepsr_x8")          # config.json + best params, no flags
     enhanced = sr(petsr_jax.io.read_volume("scan/"))  # a Volume in, a Volume out
+    enhanced = sr(pet, mr=t1)                       # an MR-guided model: PET and its T1
     bicubic, restored = sr.reconstruct(volume)      # degrade ×scale first, then recover
 
 The networks map a bicubic-upscaled image to its restored version at the same size, so there
@@ -20,6 +21,10 @@ slice min–max to 8-bit levels, `data.to_domain`), runs the network on batches 
 through one jitted function (compiled once per slice shape, any H × W, nothing padded in plane),
 and maps the result back (`data.from_domain`, `data.denormalise`), so outputs come back in the
 input's units.
+
+A model trained with MR guidance (config `mr`, `petsr_jax.data.mr`) needs the co-registered T1
+of each scan (`mr=`: a Volume on the PET's grid, or an array of its shape), normalised as in
+training; a model trained without it refuses one. Both refusals come before any computation.
 
 The module also holds what `launch/enhance.py` decides before any work starts: which patients an
 input holds, where each one's output goes, and which outputs it must refuse to write.
@@ -42,8 +47,10 @@ import numpy as np
 from petsr_jax import checkpoint, data, quantitation
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import base_config
+from petsr_jax.data import mr as mr_guidance
 from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation.predict import map_batches
+from petsr_jax.io.geometry import affine_in
 from petsr_jax.io.units import is_activity_concentration
 from petsr_jax.models import create_model
 from petsr_jax.volume import Volume
@@ -210,11 +217,15 @@ def _as_slices(x) -> tuple[np.ndarray, Callable]:
     )
 
 
-def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress) -> tuple:
-    """`fn(params, nhwc)` over `[N, H, W]` slices with the one batched loop; `[N, H, W]` outputs."""
+def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress, guide=None) -> tuple:
+    """`fn(params, {"hr": nhwc[, "guide"]})` over `[N, H, W]` slices with the one batched loop;
+    `[N, H, W]` outputs."""
     if not len(slices):
         return (np.empty(slices.shape, np.float32),) * 2
-    result = map_batches(fn, params, slices[..., None], batch_size=batch_size, progress=progress)
+    inputs = {"hr": slices[..., None]}
+    if guide is not None:
+        inputs["guide"] = guide
+    result = map_batches(fn, params, inputs, batch_size=batch_size, progress=progress)
     result = result if isinstance(result, tuple) else (result,)
     return tuple(r[..., 0] for r in result)
 
@@ -247,12 +258,18 @@ class SuperResolver:
         # "physical": each volume / its maximum; "paper": each slice min–max to 8-bit levels
         # (data.to_domain), as the model was trained.
         self.domain = str(config.data.get("domain", "physical"))
+        # MR guidance channels the model was trained with (none for a PET-only model).
+        self.guidance = mr_guidance.guidance_channels(config)
         model, scale, domain = self.model, self.scale, self.domain
-        self._enhance = jax.jit(lambda p, lr_up: model.apply({"params": p}, lr_up))
 
-        def reconstruct(p, hr):
-            lr_up = degrade(hr, scale, domain)
-            return lr_up, model.apply({"params": p}, lr_up)
+        def enhance(p, batch):
+            return model.apply({"params": p}, mr_guidance.network_input(batch["hr"], batch))
+
+        def reconstruct(p, batch):
+            lr_up = degrade(batch["hr"], scale, domain)
+            return lr_up, model.apply({"params": p}, mr_guidance.network_input(lr_up, batch))
+
+        self._enhance = jax.jit(enhance)
 
         self._reconstruct = jax.jit(reconstruct)
 
@@ -274,16 +291,55 @@ class SuperResolver:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _check_channels(self) -> None:
-        in_channels = int(self.config.model.get("in_channels", 1))
-        if in_channels != 1:
+    def _check_channels(self, has_mr: bool = False) -> None:
+        """An MR-guided model needs the T1; a PET-only model must not silently ignore one."""
+        where = self.workdir or "this model"
+        if self.guidance and not has_mr:
             raise IncompatibleInput(
-                f"the model takes {in_channels} input channels (PET plus {in_channels - 1} prior "
-                "image(s), config model.in_channels) but enhancement supplies the PET only"
+                f"{where} was trained with MR guidance (config mr.t1: PET plus the co-registered "
+                "T1); give the scan's T1: sr(volume, mr=t1_volume), or launch/enhance.py "
+                "--mr=<T1 series or NIfTI>"
+            )
+        if has_mr and not self.guidance:
+            raise IncompatibleInput(
+                f"{where} was trained on PET only (config mr.t1 is off) and cannot use a T1; "
+                "enhance without mr= / --mr, or use a workdir trained with the mr flag"
+            )
+        in_channels = int(self.config.model.get("in_channels", 1))
+        if in_channels != 1 + len(self.guidance):
+            raise IncompatibleInput(
+                f"the model takes {in_channels} input channels (config model.in_channels) but "
+                f"enhancement supplies {1 + len(self.guidance)} (PET"
+                + "".join(f", {c}" for c in self.guidance)
+                + ")"
             )
 
+    def guide_for(self, t1, like) -> np.ndarray | None:
+        """The guidance channels `[N, H, W, C]` of a T1 (Volume or `[N, H, W]` / `[H, W]`
+        array) for the PET `like` (Volume or array): checked against its grid, normalised as in
+        training (`mr.normalise_t1`). None for a PET-only model."""
+        self._check_channels(t1 is not None)
+        if t1 is None:
+            return None
+        t1_slices, _ = _as_slices(t1)
+        pet_slices, _ = _as_slices(like)
+        t1_affine = pet_affine = None
+        if isinstance(t1, Volume) and isinstance(like, Volume):
+            t1_affine = affine_in(t1, "RAS")
+            pet_affine = affine_in(like, "RAS")
+        name = like.patient_id if isinstance(like, Volume) else "input"
+        try:
+            mr_guidance.check_alignment(
+                name, t1_slices.shape, t1_affine, pet_slices.shape, pet_affine, "mr="
+            )
+            normalised = mr_guidance.normalise_t1(t1_slices)
+        except data.DataError as error:
+            raise IncompatibleInput(str(error)) from None
+        depth = normalised.shape[0]
+        return mr_guidance.guide_slices(normalised, np.arange(depth), depth, self.guidance)
+
     def check_input(
-        self, volume: Volume, name: str | None = None, *, check_units: bool = True
+        self, volume: Volume, name: str | None = None, *, mr=None, check_units: bool = True
     ) -> list[str]:
         """Refuse a volume this model does not fit; return warnings about what cannot be checked.
 
@@ -297,12 +353,15 @@ class SuperResolver:
         a user who knows better than the header. A pixel spacing more than
         `SPACING_TOLERANCE` from the training data's only warns.
 
+        `mr` is the scan's T1 for an MR-guided model: required by one, refused by any other, and
+        checked against the volume's grid.
+
         Raises:
-          IncompatibleInput: channels, modality or units do not fit; the message names the
-            input.
+          IncompatibleInput: channels, T1, modality or units do not fit; the message names
+            the input.
         """
         name = name or str(volume.meta.get("source_path", volume.patient_id))
-        self._check_channels()
+        self.guide_for(mr, volume)  # refuses a missing, unneeded or misaligned T1
         problems = self._units_problems(volume, name, check_units)
         problems += self._spacing_problems(volume, name)
         return problems
@@ -395,61 +454,82 @@ class SuperResolver:
 
     # -- the two modes ----------------------------------------------------------------------
 
-    def enhance_normalised(self, slices, *, batch_size=None, progress=None) -> np.ndarray:
+    def enhance_normalised(
+        self, slices, *, batch_size=None, progress=None, guide=None
+    ) -> np.ndarray:
         """The network applied to `[N, H, W]` slices of volumes divided by their maximum (as
-        `data.normalise` and evaluation hold them); the result in the same range."""
-        self._check_channels()
+        `data.normalise` and evaluation hold them); the result in the same range. `guide` is an
+        MR-guided model's `[N, H, W, C]` channels (`guide_for`)."""
+        self._check_channels(guide is not None)
         encoded, low, span = data.to_domain(slices, self.domain)
         out, *_ = _run_in_batches(
-            self._enhance, self.params, encoded, batch_size or self.batch_size, progress
+            self._enhance, self.params, encoded, batch_size or self.batch_size, progress, guide
         )
         return data.from_domain(out, low, span)
 
-    def reconstruct_normalised(self, slices, *, batch_size=None, progress=None):
+    def reconstruct_normalised(self, slices, *, batch_size=None, progress=None, guide=None):
         """(bicubic, sr) for `[N, H, W]` normalised slices: `degrade(·, scale)`, then the net,
-        in the model's domain and mapped back to the range of `slices`."""
-        self._check_channels()
+        in the model's domain and mapped back to the range of `slices`. `guide` as in
+        `enhance_normalised`: the T1 is not degraded."""
+        self._check_channels(guide is not None)
         encoded, low, span = data.to_domain(slices, self.domain)
         bicubic, sr = _run_in_batches(
-            self._reconstruct, self.params, encoded, batch_size or self.batch_size, progress
+            self._reconstruct, self.params, encoded, batch_size or self.batch_size, progress, guide
         )
         return data.from_domain(bicubic, low, span), data.from_domain(sr, low, span)
 
     def __call__(
-        self, x, *, check_units: bool = True, batch_size: int | None = None, progress=None
+        self,
+        x,
+        *,
+        mr=None,
+        check_units: bool = True,
+        batch_size: int | None = None,
+        progress=None,
     ):
         """Enhance `x` (slice, stack or Volume) at its own resolution; same kind and units.
 
         A Volume is checked first (`check_input`: refused when its modality or the quantity
         its units hold do not fit, unless `check_units=False`; warnings for a change of unit
-        and what cannot be checked). `progress(n)` is called after every `n` slices. Negative
-        activity in the result is clipped to 0 (`quantitation.clip_negative`); a Volume result
-        counts the clipped voxels in `meta["clipped_voxels"]`.
+        and what cannot be checked). `mr` is the T1 of `x` (same kind and grid) for a model
+        trained with MR guidance, refused by any other. `progress(n)` is called after every `n`
+        slices. Negative activity in the result is clipped to 0 (`quantitation.clip_negative`);
+        a Volume result counts the clipped voxels in `meta["clipped_voxels"]`.
         """
         if isinstance(x, Volume):
-            for problem in self.check_input(x, check_units=check_units):
+            for problem in self.check_input(x, mr=mr, check_units=check_units):
                 warnings.warn(problem, stacklevel=2)
+        guide = self.guide_for(mr, x)
         slices, rebuild = _as_slices(x)
         normalised, factor = _normalise(slices)
-        out = self.enhance_normalised(normalised, batch_size=batch_size, progress=progress)
+        out = self.enhance_normalised(
+            normalised, batch_size=batch_size, progress=progress, guide=guide
+        )
         return _physical(rebuild, data.denormalise(out, factor))
 
     def reconstruct(
-        self, x, *, check_units: bool = True, batch_size: int | None = None, progress=None
+        self,
+        x,
+        *,
+        mr=None,
+        check_units: bool = True,
+        batch_size: int | None = None,
+        progress=None,
     ) -> Reconstruction:
         """Degrade `x` by the model's scale, then recover it: `Reconstruction(bicubic, sr)`.
 
         Both come back in `x`'s kind and units; `bicubic` is exactly the network's input
         (`degrade` of the normalised `x`, scaled back, bicubic overshoot included); `sr` is
-        clipped at 0 as in `__call__`. `check_units` as in `__call__`.
+        clipped at 0 as in `__call__`. `mr` (not degraded) and `check_units` as in `__call__`.
         """
         if isinstance(x, Volume):
-            for problem in self.check_input(x, check_units=check_units):
+            for problem in self.check_input(x, mr=mr, check_units=check_units):
                 warnings.warn(problem, stacklevel=2)
+        guide = self.guide_for(mr, x)
         slices, rebuild = _as_slices(x)
         normalised, factor = _normalise(slices)
         bicubic, sr = self.reconstruct_normalised(
-            normalised, batch_size=batch_size, progress=progress
+            normalised, batch_size=batch_size, progress=progress, guide=guide
         )
         return Reconstruction(
             rebuild(data.denormalise(bicubic, factor)),

@@ -34,6 +34,7 @@ import optax
 
 from petsr_jax import checkpoint, data, files, sharding
 from petsr_jax import workdir as workdir_lib
+from petsr_jax.data import mr
 from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation import evaluate, report
 from petsr_jax.models import count_params, create_model
@@ -70,13 +71,14 @@ def init_state(config, model, tx) -> TrainState:
     )
 
 
-def mse_loss(params, model, hr, scale: int, domain: str = "physical"):
+def mse_loss(params, model, hr, scale: int, domain: str = "physical", guide=None):
     """MSE between the network's output for the bicubic-degraded `hr` and `hr` itself.
 
     `hr` is already in the run's domain (`data.to_domain`); `degrade` makes the input there.
+    `guide` (an MR-guided run's `[N, H, W, C]` T1 and coordinates) joins the input undegraded.
     """
     lr_up = degrade(hr, scale, domain)
-    sr = model.apply({"params": params}, lr_up)
+    sr = model.apply({"params": params}, mr.network_input(lr_up, {"guide": guide}))
     return jnp.mean(jnp.square(sr - hr))
 
 
@@ -85,7 +87,9 @@ def make_train_step(model, tx, scale: int, domain: str = "physical"):
     `jit_train_step`)."""
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(mse_loss)(state.params, model, batch["hr"], scale, domain)
+        loss, grads = jax.value_and_grad(mse_loss)(
+            state.params, model, batch["hr"], scale, domain, batch.get("guide")
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng, _ = jax.random.split(state.rng)
@@ -282,6 +286,27 @@ class ThroughputMeter:
         return (steps * self.batch_size / max(seconds, 1e-9), steps) if training_only else None
 
 
+def _regional(params, root: Path, patients: list[str], config, model) -> dict | None:
+    """Grey-matter and lesion activity recovery of the test patients (None without tissue or
+    lesion maps): what PSNR cannot show, e.g. an MR-guided model erasing a PET-only lesion."""
+    from petsr_jax.evaluation import regional
+
+    recovery = regional.regional_recovery(
+        jax.device_get(params),
+        root,
+        patients,
+        model=model,
+        scale=config.scale,
+        mesh=sharding.make_mesh(jax.local_devices()),
+        batch_size=config.eval.batch_size,
+        domain=config.data.domain,
+        guidance=mr.guidance_channels(config),
+    )
+    if not recovery["rows"]:
+        return None
+    return {k: recovery[k] for k in ("summary", "units", "rows")}
+
+
 def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = True) -> dict:
     """Train `config` in `workdir` (resuming if it holds checkpoints); return the results dict.
 
@@ -306,9 +331,15 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
 
     root = data.resolve_root(config)
     split = data.resolve_split(config, root)
-    train_set = data.build_slice_set(root, split["train"], eval_split=False)
+    guidance = mr.guidance_channels(config)
+    train_set = data.build_slice_set(root, split["train"], eval_split=False, guidance=guidance)
     val_set = data.build_slice_set(
-        root, split["val"], eval_split=True, rule=config.data.eval_slices
+        root, split["val"], eval_split=True, rule=config.data.eval_slices, guidance=guidance
+    )
+    # Read before training (cached, memory-mapped): a test scan or T1 that cannot be used stops
+    # the run now, not after hours of training.
+    test_set = data.build_slice_set(
+        root, split["test"], eval_split=True, rule=config.data.eval_slices, guidance=guidance
     )
     _say_how_slices_are_scored(root, val_set, config.data.eval_slices)
     steps_per_epoch, total_steps = _steps(config, len(train_set))
@@ -354,6 +385,8 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
     source = data.SliceSource(
         data.cache_path_of(train_set),
         None if data.cache_path_of(train_set) else np.asarray(train_set.hr),
+        guide_path=getattr(train_set.guide, "filename", None),
+        guide=None if getattr(train_set.guide, "filename", None) else train_set.guide,
     )
     ds = data.train_dataset(
         source,
@@ -463,9 +496,6 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         params, best_step = state.params, total_steps
     ckpts.close()
 
-    test_set = data.build_slice_set(
-        root, split["test"], eval_split=True, rule=config.data.eval_slices
-    )
     scores = evaluate.evaluate_run(params, test_set, config, model=model, mesh=mesh)
     results = {
         "model": config.model.name,
@@ -482,6 +512,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         "train_time_s": round(time_before + time.perf_counter() - loop_start, 1),
         "test": evaluate.summarise(scores, test_set.patient),
     }
+    results["regional"] = _regional(params, root, split["test"], config, model)
     if _is_primary():
         # The figure is predicted on this process's own devices from a host copy of the params:
         # a computation on the global mesh would wait for the other processes, which do not

@@ -91,8 +91,9 @@ def test_each_table_has_the_three_paper_rows_with_one_bicubic_baseline(reproduce
         number = reproduce.TABLE_NUMBER[scale]
         section = _section(text, f"### Table {number}: {scale}×")
         rows = _table_rows(section)
-        # At 8×, DeepSR with the paper text's image-level skip beside the authors' network.
-        variants = ["deepsr_image"] if scale == 8 else []
+        # At 8×, DeepSR with the paper text's image-level skip beside the authors' network;
+        # at every scale the MR-guided DeepSR.
+        variants = (["deepsr_image"] if scale == 8 else []) + ["deepsr_mr"]
         assert [r[0] for r in rows] == [
             f"Input LR ({scale}× + bicubic)",
             "Output SR from multi-scale SRCNN",
@@ -122,6 +123,11 @@ def test_each_table_has_the_three_paper_rows_with_one_bicubic_baseline(reproduce
         brain = _scores(settings, "deepsr", scale)["sr/psnr_brain"]
         assert mean == pytest.approx(np.mean(brain), abs=0.005)
     assert "#### Regional recovery, 8×" in text
+    for scale in SCALES:  # PET-only vs MR-guided: scores, grey-matter and lesion errors
+        section = _section(text, f"#### PET-only vs MR-guided DeepSR, {scale}×")
+        assert [r[0] for r in _table_rows(section)] == ["bicubic", "PET-only", "MR-guided"]
+        assert "lesion max err %" in section
+        assert (settings.out_dir / f"mr_comparison_x{scale}.json").exists()
     for scale in SCALES:
         table_file = settings.out_dir / reproduce.table_name(scale)
         assert table_file.read_text() in text

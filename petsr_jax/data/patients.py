@@ -160,7 +160,9 @@ def load_patient(root: str | os.PathLike, patient_id: str, path: Path) -> Patien
         for ext in (".nii.gz", ".nii"):
             f = Path(root) / folder / f"{patient_id}{ext}"
             if f.exists():
-                arr, _ = io.read_nifti_array(f)
+                arr, affine = io.read_nifti_array(f)
+                if folder == "t1":
+                    _check_t1_alignment(patient_id, arr, affine, volume, f)
                 if arr.shape != volume.data.shape:
                     raise DataError(
                         f"{f}: shape {arr.shape} differs from the PET volume {volume.data.shape}"
@@ -175,6 +177,16 @@ def load_patient(root: str | os.PathLike, patient_id: str, path: Path) -> Patien
         t1=aux.get("t1"),
         labels=aux.get("labels"),
         lesions=aux.get("lesions"),
+    )
+
+
+def _check_t1_alignment(patient_id, t1, affine, volume: io.Volume, path: Path) -> None:
+    """A T1 off its PET's grid guides the network with the wrong anatomy: refused by name."""
+    from petsr_jax.data.mr import check_alignment
+    from petsr_jax.io.geometry import affine_in
+
+    check_alignment(
+        patient_id, t1.shape, affine, volume.data.shape, affine_in(volume, "RAS"), str(path)
     )
 
 

@@ -1,7 +1,9 @@
 """The Grain training pipeline: random access over cached slices → domain → crop/flip → batch.
 
 The loader moves only high-resolution slices: the low-resolution input is made on the device by
-`degrade()` inside the train step, so the host never becomes the bottleneck.
+`degrade()` inside the train step, so the host never becomes the bottleneck. An MR-guided run's
+record also holds the slice's guidance channels (`guide`, full resolution, see
+`petsr_jax.data.mr`), cropped and flipped with the PET as one record so the two stay aligned.
 """
 
 from __future__ import annotations
@@ -16,28 +18,52 @@ from petsr_jax.data.domain import to_domain
 
 
 class SliceSource(grain.sources.RandomAccessDataSource):
-    """Grain random access over the training slices of a cache (memory-mapped, picklable)."""
+    """Grain random access over the training slices of a cache (memory-mapped, picklable).
 
-    def __init__(self, hr_path: str | os.PathLike | None = None, array: np.ndarray | None = None):
+    A record is the `[H, W]` slice, or with guidance (`guide_path` / `guide`) the dict
+    `{"hr": [H, W], "guide": [H, W, C]}` of the same slice.
+    """
+
+    def __init__(
+        self,
+        hr_path: str | os.PathLike | None = None,
+        array: np.ndarray | None = None,
+        *,
+        guide_path: str | os.PathLike | None = None,
+        guide: np.ndarray | None = None,
+    ):
         self._path = None if hr_path is None else str(hr_path)
         self._array = array
+        self._guide_path = None if guide_path is None else str(guide_path)
+        self._guide = guide
 
     def _data(self) -> np.ndarray:
         if self._array is None:
             self._array = np.load(self._path, mmap_mode="r", allow_pickle=False)
         return self._array
 
+    def _guide_data(self) -> np.ndarray | None:
+        if self._guide is None and self._guide_path is not None:
+            self._guide = np.load(self._guide_path, mmap_mode="r", allow_pickle=False)
+        return self._guide
+
     def __len__(self) -> int:
         return int(self._data().shape[0])
 
     def __getitem__(self, i):
-        return np.asarray(self._data()[i], np.float32)
+        hr = np.asarray(self._data()[i], np.float32)
+        guide = self._guide_data()
+        if guide is None:
+            return hr
+        return {"hr": hr, "guide": np.asarray(guide[i], np.float32)}
 
     def __getstate__(self):
-        # Workers re-open the memory map rather than receiving the array through a pipe.
+        # Workers re-open the memory maps rather than receiving the arrays through a pipe.
         state = dict(self.__dict__)
         if self._path is not None:
             state["_array"] = None
+        if self._guide_path is not None:
+            state["_guide"] = None
         return state
 
 
@@ -51,6 +77,8 @@ class ToDomain(grain.transforms.Map):
     def map(self, element):
         if self.domain == "physical":
             return element
+        if isinstance(element, dict):  # the PET only: guidance channels are not PET
+            return {**element, "hr": to_domain(element["hr"][None], self.domain)[0][0]}
         return to_domain(element[None], self.domain)[0][0]
 
 
@@ -58,26 +86,32 @@ class ToDomain(grain.transforms.Map):
 class CropFlip(grain.transforms.RandomMap):
     """A random `crop_size` crop (0 = whole slice) and random flips of one [H, W] slice.
 
-    Returns `{"hr": float32 [h, w, 1]}`. Grain seeds the generator per record, so the
-    augmentation of a record is the same after a restore.
+    Returns `{"hr": float32 [h, w, 1]}`. A record `{"hr": [H, W], "guide": [H, W, C]}` gets the
+    one crop and the same flips on both, and returns `{"hr": [h, w, 1], "guide": [h, w, C]}`.
+    Grain seeds the generator per record, so the augmentation of a record is the same after a
+    restore.
     """
 
     crop_size: int = 0
     flip: bool = True
 
     def random_map(self, element, rng: np.random.Generator):
-        hr = element
+        arrays = dict(element) if isinstance(element, dict) else {"hr": element}
         if self.crop_size:
-            h, w = hr.shape
+            h, w = arrays["hr"].shape[:2]
             y = rng.integers(0, h - self.crop_size + 1)
             x = rng.integers(0, w - self.crop_size + 1)
-            hr = hr[y : y + self.crop_size, x : x + self.crop_size]
+            arrays = {
+                k: a[y : y + self.crop_size, x : x + self.crop_size] for k, a in arrays.items()
+            }
         if self.flip:
             if rng.random() < 0.5:
-                hr = hr[::-1, :]
+                arrays = {k: a[::-1, :] for k, a in arrays.items()}
             if rng.random() < 0.5:
-                hr = hr[:, ::-1]
-        return {"hr": np.ascontiguousarray(hr, np.float32)[..., None]}
+                arrays = {k: a[:, ::-1] for k, a in arrays.items()}
+        record = {k: np.ascontiguousarray(a, np.float32) for k, a in arrays.items()}
+        record["hr"] = record["hr"][..., None]
+        return record
 
 
 def train_dataset(

@@ -2,7 +2,9 @@
 
 Training uses every slice; val and test use the brain slices only (`eval_slice_indices`), as
 the paper kept 49 of 89. The slices are cached without pickle, keyed by the root's content, so
-Grain worker processes memory-map them instead of each holding a copy.
+Grain worker processes memory-map them instead of each holding a copy. An MR-guided run's
+slice sets also carry each slice's guidance channels (`guide`: the normalised T1, and the
+radial and axial positions when asked; see `petsr_jax.data.mr`), cached the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petsr_jax.data import mr
 from petsr_jax.data.domain import normalise
 from petsr_jax.data.patients import AUX_FOLDERS, DataError, list_patients, load_patient
 
@@ -76,6 +79,8 @@ class SliceSet:
     slice_index: np.ndarray  # int [N] index in the patient's volume
     scale: np.ndarray  # float32 [N] the volume's normalisation factor (physical = hr * scale)
     units: str = "unknown"
+    # float32 [N, H, W, C] MR guidance channels (`mr.guide_slices`), or None for a PET-only run.
+    guide: np.ndarray | None = None
     # In-plane pixel size in mm (row, column), the median over patients: what enhancement
     # compares a new scan's pixels with (the networks learn details at this size).
     pixel_spacing: tuple[float, float] | None = None
@@ -84,9 +89,14 @@ class SliceSet:
         return int(self.hr.shape[0])
 
 
-def _cache_key(root: Path, patient_ids: list[str], rule: str, eval_split: bool) -> str:
-    """Content key of a split's slice cache: the files' names, sizes and times, and the rule."""
+def _cache_key(
+    root: Path, patient_ids: list[str], rule: str, eval_split: bool, guidance: tuple[str, ...] = ()
+) -> str:
+    """Content key of a split's slice cache: the files' names, sizes and times, the rule, and
+    the MR guidance channels (a PET-only run's key is what it was before they existed)."""
     h = hashlib.sha1(f"{CACHE_VERSION}|{root.resolve()}|{rule}|{eval_split}".encode())
+    if guidance:
+        h.update(f"|guide:{','.join(guidance)}".encode())
     patients = list_patients(root)
     for pid in sorted(patient_ids):
         paths = [patients[pid]] + [root / f / f"{pid}.nii.gz" for f in AUX_FOLDERS]
@@ -105,10 +115,20 @@ def cache_dir() -> Path:
 
 
 def build_slice_set(
-    root: Path, patient_ids: list[str], *, eval_split: bool, rule: str = "mask", cache: bool = True
+    root: Path,
+    patient_ids: list[str],
+    *,
+    eval_split: bool,
+    rule: str = "mask",
+    cache: bool = True,
+    guidance: tuple[str, ...] = (),
 ) -> SliceSet:
-    """The slices of `patient_ids` (all of them for training, brain slices for evaluation)."""
-    key = _cache_key(root, patient_ids, rule, eval_split)
+    """The slices of `patient_ids` (all of them for training, brain slices for evaluation).
+
+    `guidance` (`mr.guidance_channels(config)`) adds each slice's MR guidance channels; then
+    every patient must have a T1 on its PET's grid, or a `DataError` names the patient.
+    """
+    key = _cache_key(root, patient_ids, rule, eval_split, guidance)
     folder = cache_dir() / key
     if cache and (folder / "index.json").exists():
         index = json.loads((folder / "index.json").read_text())
@@ -125,10 +145,15 @@ def build_slice_set(
             np.array(index["slice_index"]),
             np.array(index["scale"], np.float32),
             index["units"],
+            guide=(
+                np.load(folder / "guide.npy", mmap_mode="r", allow_pickle=False)
+                if index.get("has_guide")
+                else None
+            ),
             pixel_spacing=_spacing_or_none(index["pixel_spacing"]),
         )
     patients = list_patients(root)
-    hr, masks, pids, idx, scales, units, spacings = [], [], [], [], [], set(), []
+    hr, masks, pids, idx, scales, units, spacings, guides = [], [], [], [], [], set(), [], []
     for pid in sorted(patient_ids):
         scan = load_patient(root, pid, patients[pid])
         data, scale = normalise(scan.volume.data)
@@ -144,6 +169,8 @@ def build_slice_set(
         scales += [scale] * len(keep)
         units.add(scan.volume.units)
         spacings.append(scan.volume.spacing[1:])
+        if guidance:
+            guides.append(_guide_of(scan, root, keep, guidance))
     shapes = {a.shape[1:] for a in hr}
     if len(shapes) > 1:
         raise DataError(f"patients in {root} have different slice sizes {sorted(shapes)}")
@@ -155,6 +182,7 @@ def build_slice_set(
         np.array(idx),
         np.array(scales, np.float32),
         units.pop() if len(units) == 1 else "mixed",
+        guide=np.concatenate(guides) if guidance else None,
         pixel_spacing=_spacing_or_none(np.median(spacings, axis=0).tolist() if spacings else None),
     )
     if cache:
@@ -169,12 +197,15 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
     np.save(tmp / "hr.npy", s.hr, allow_pickle=False)
     if s.mask is not None:
         np.save(tmp / "mask.npy", s.mask, allow_pickle=False)
+    if s.guide is not None:
+        np.save(tmp / "guide.npy", s.guide, allow_pickle=False)
     index = {
         "patient": s.patient.tolist(),
         "slice_index": s.slice_index.tolist(),
         "scale": s.scale.tolist(),
         "units": s.units,
         "has_mask": s.mask is not None,
+        "has_guide": s.guide is not None,
         "pixel_spacing": s.pixel_spacing,
     }
     (tmp / "index.json").write_text(json.dumps(index))
@@ -184,6 +215,17 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _guide_of(scan, root: Path, keep: np.ndarray, guidance: tuple[str, ...]) -> np.ndarray:
+    """The guidance channels of a patient's kept slices; a missing T1 is an error by name."""
+    if scan.t1 is None:
+        raise DataError(
+            f"patient {scan.patient_id} has no T1 MR ({root / 't1' / scan.patient_id}.nii.gz): "
+            "an MR-guided run (mr.t1) needs a co-registered T1 for every patient"
+        )
+    t1 = mr.normalise_t1(scan.t1)
+    return mr.guide_slices(t1[keep], keep, t1.shape[0], guidance)
 
 
 def _spacing_or_none(spacing) -> tuple[float, float] | None:

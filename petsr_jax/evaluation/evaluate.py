@@ -57,7 +57,7 @@ def make_score_fn(model, scale: int, mesh, domain: str = "physical"):
 
     def score(params, batch):
         hr, mask = batch["hr"], batch.get("mask")
-        lr_up, sr = predict(params, hr)
+        lr_up, sr = predict(params, batch)
         out = {}
         if domain == "physical":
             _physical_scores(out, (("bicubic", lr_up), ("sr", sr)), hr, mask)
@@ -91,6 +91,8 @@ def _score_inputs(slices, domain: str) -> dict[str, np.ndarray]:
     inputs = {"hr": hr[..., None]}
     if slices.mask is not None:
         inputs["mask"] = np.asarray(slices.mask)[..., None]
+    if getattr(slices, "guide", None) is not None:  # an MR-guided run's T1 (and coordinates)
+        inputs["guide"] = slices.guide
     if domain != "physical":
         inputs.update(low=low, span=span, hr_volume=volume[..., None])
     return inputs
@@ -124,7 +126,8 @@ def evaluate(
         return result
     # Every process runs the prediction, weights or not: it is one collective program, and a
     # process that skipped it would leave the others waiting.
-    lr_up, sr = run(jitted_predict(model, scale, mesh, domain), params, inputs["hr"])
+    predict_inputs = {k: v for k, v in inputs.items() if k in ("hr", "guide")}
+    lr_up, sr = run(jitted_predict(model, scale, mesh, domain), params, predict_inputs)
     lpips_fn, reason = _lpips_fn(lpips_weights)
     if lpips_fn is None:
         result["lpips_unavailable"] = reason

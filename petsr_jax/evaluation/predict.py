@@ -11,7 +11,7 @@ fix here reaches every caller. What it guarantees:
   while at most two batches are alive on the device.
 
 `make_predict_fn` is the model's view of a slice: degrade by `scale` in the run's domain, then
-the network.
+the network (with an MR-guided model's guidance channels beside the degraded PET).
 """
 
 from __future__ import annotations
@@ -23,15 +23,21 @@ import jax
 import numpy as np
 
 from petsr_jax import data, sharding
+from petsr_jax.data import mr
 from petsr_jax.data.degrade import degrade
 
 
 def make_predict_fn(model, scale: int, domain: str = "physical"):
-    """`predict(params, hr) -> (lr_up, sr)` for NHWC slices in `domain` (not jitted)."""
+    """`predict(params, hr) -> (lr_up, sr)` for NHWC slices in `domain` (not jitted).
+
+    `hr` is the slices, or a batch dict holding them as `"hr"` and, for an MR-guided model, the
+    guidance channels as `"guide"` (`petsr_jax.data.mr`); other keys are ignored.
+    """
 
     def predict(params, hr):
-        lr_up = degrade(hr, scale, domain)
-        return lr_up, model.apply({"params": params}, lr_up)
+        batch = hr if isinstance(hr, Mapping) else {"hr": hr}
+        lr_up = degrade(batch["hr"], scale, domain)
+        return lr_up, model.apply({"params": params}, mr.network_input(lr_up, batch))
 
     return predict
 
@@ -111,15 +117,17 @@ def jitted_predict(model, scale: int, mesh, domain: str = "physical"):
 
 
 def predict_slices(
-    params, hr: np.ndarray, *, model, scale: int, mesh, domain="physical", batch_size=8
+    params, hr: np.ndarray, *, model, scale: int, mesh, domain="physical", batch_size=8, guide=None
 ):
     """(lr_up, sr) as numpy `[N, H, W]` for `[N, H, W]` slices, in the units of `hr`: the
-    network runs in `domain` (`data.to_domain`) and its images are mapped back per slice."""
+    network runs in `domain` (`data.to_domain`) and its images are mapped back per slice.
+    `guide` is an MR-guided model's `[N, H, W, C]` guidance channels of the same slices."""
     encoded, low, span = data.to_domain(hr, domain)
+    inputs = encoded[..., None] if guide is None else {"hr": encoded[..., None], "guide": guide}
     lr_up, sr = map_batches(
         jitted_predict(model, scale, mesh, domain),
         params,
-        encoded[..., None],
+        inputs,
         batch_size=batch_size,
         mesh=mesh,
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from petsr_jax import data
+from petsr_jax.data import mr
 from petsr_jax.evaluation.evaluate import IMAGES
 from petsr_jax.evaluation.predict import predict_slices
 
@@ -91,6 +92,16 @@ def summarise_regions(rows: list[dict], images: tuple[str, ...] = IMAGES) -> dic
     return summary
 
 
+def _guide(scan, keep: np.ndarray, guidance: tuple[str, ...]) -> np.ndarray | None:
+    """The guidance channels of a patient's kept slices, as the slice sets make them."""
+    if not guidance:
+        return None
+    if scan.t1 is None:
+        raise data.DataError(f"patient {scan.patient_id} has no T1 MR for an MR-guided model")
+    t1 = mr.normalise_t1(scan.t1)
+    return mr.guide_slices(t1[keep], keep, t1.shape[0], guidance)
+
+
 def regional_recovery(
     params,
     root,
@@ -101,6 +112,7 @@ def regional_recovery(
     mesh,
     batch_size: int = 8,
     domain: str = "physical",
+    guidance: tuple[str, ...] = (),
 ) -> dict:
     """Bicubic and SR activity in grey matter and lesions against the original, physical units.
 
@@ -108,7 +120,8 @@ def regional_recovery(
     degraded by `scale` and super-resolved as in evaluation (normalised by its maximum, taken
     into the run's `domain` and back), on the slices that hold a region. Returns `"rows"` (one
     row per patient and region, see `region_rows`), `"summary"` (see `summarise_regions`),
-    `"units"` and `"skipped"` (patients without any region map).
+    `"units"` and `"skipped"` (patients without any region map). An MR-guided model gets its
+    `guidance` channels (`mr.guidance_channels(config)`) from each patient's T1.
     """
     root = Path(root)
     paths = data.list_patients(root)
@@ -136,6 +149,7 @@ def regional_recovery(
             mesh=mesh,
             batch_size=batch_size,
             domain=domain,
+            guide=_guide(scan, keep, guidance),
         )
         rows += region_rows(
             scan.volume.data[keep],
@@ -152,3 +166,23 @@ def regional_recovery(
         "units": units.pop() if len(units) == 1 else ("mixed" if units else "unknown"),
         "skipped": skipped,
     }
+
+
+def summary_lines(regional: dict | None) -> list[str]:
+    """Markdown lines of a run's regional recovery (`results["regional"]`); none without it."""
+    if not regional:
+        return []
+    lines = [
+        "",
+        f"Regional activity recovery (test patients, % of the true value, {regional['units']}):",
+        "",
+        "| region | n | image | mean error % | max error % | |mean error| % | |max error| % |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = ("mean_error_pct", "max_error_pct", "abs_mean_error_pct", "abs_max_error_pct")
+    for kind, entry in sorted(regional["summary"].items()):
+        for image in IMAGES:
+            stats = entry[image]
+            cells = ["n/a" if stats[k] is None else f"{stats[k]:.1f}" for k in keys]
+            lines.append(f"| {kind} | {entry['count']} | {image} | " + " | ".join(cells) + " |")
+    return lines

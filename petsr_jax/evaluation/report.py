@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petsr_jax.evaluation import regional
 from petsr_jax.evaluation.predict import predict_slices
 from petsr_jax.files import save_figure_atomic, write_atomic, write_json_atomic
 from petsr_jax.workdir import RUN_FILE as RUN_RECORD
@@ -138,6 +139,7 @@ def results_markdown(results: dict, run_record: dict | None = None) -> str:
             f"| {pid} | {e['bicubic']['psnr']:.2f} | {e['sr']['psnr']:.2f} | "
             f"{e['bicubic']['ssim']:.3f} | {e['sr']['ssim']:.3f} |"
         )
+    lines += regional.summary_lines(results.get("regional"))
     lines += [
         "",
         f"Trained {results['step']} steps, scored with the "
@@ -263,8 +265,15 @@ def write_run_outputs(
     curves of a finished run."""
     picks = figure_slices(test_set, config.eval.num_figure_slices)
     hr = np.asarray(test_set.hr[picks], np.float32)
+    guide = None if test_set.guide is None else np.asarray(test_set.guide[picks], np.float32)
     lr_up, sr = predict_slices(
-        params, hr, model=model, scale=config.scale, mesh=mesh, domain=config.data.domain
+        params,
+        hr,
+        model=model,
+        scale=config.scale,
+        mesh=mesh,
+        domain=config.data.domain,
+        guide=guide,
     )
     labels = [f"{test_set.patient[i]} z={test_set.slice_index[i]}" for i in picks]
     comparison_figure(workdir / "test_slices.png", hr, lr_up, sr, row_labels=labels)

@@ -1,11 +1,13 @@
-"""The paper's results in one call: Tables 1–3, Figures 2–5 and a report, from seven runs.
+"""The paper's results in one call: Tables 1–3, Figures 2–5 and a report, from ten runs.
 
 `reproduce(scales=(8, 12, 16), quick=False)` trains multi-scale SRCNN and DeepSR at every scale,
-plus at 8× DeepSR with the paper text's image-level skip beside the authors' feature-level one
-(or reuses their finished workdirs: `train.train_and_evaluate` skips a finished run and resumes an
-interrupted one). Every run is of the paper's domain and protocol (the `paper` config flag: each
-slice min–max scaled to 8 bits, PIL-style 8-bit degradation, batch 16, no flips, final weights),
-so the tables are scored as the authors scored theirs. It then writes into the output folder:
+plus at 8× DeepSR with the paper text's image-level skip beside the authors' feature-level one,
+and at every scale the MR-guided DeepSR (the `mr` flag: PET plus the co-registered T1), the
+paper's future work (or reuses their finished workdirs: `train.train_and_evaluate` skips a
+finished run and resumes an interrupted one). Every run is of the paper's domain and protocol
+(the `paper` config flag: each slice min–max scaled to 8 bits, PIL-style 8-bit degradation,
+batch 16, no flips, final weights), so the tables are scored as the authors scored theirs. It
+then writes into the output folder:
 
     table{1,2,3}_x{8,12,16}.md   rows "Input LR (N× + bicubic)", "Output SR from multi-scale
                                  SRCNN", "Output SR from DeepSR" (and at 8× the image-skip
@@ -16,6 +18,10 @@ so the tables are scored as the authors scored theirs. It then writes into the o
                                  the regional recovery of grey matter and lesions
     figure{2,3,4}_x{8,12,16}.png test slices of different patients: bicubic | SRCNN | DeepSR |
                                  original (the same slices for both models)
+    mr_comparison_x{8,12,16}.*   PET-only vs MR-guided DeepSR: PSNR / SSIM whole and brain,
+                                 grey-matter and lesion activity errors (.md, .json, also in the
+                                 table file), and test slices with a lesion: PET-only |
+                                 MR-guided | original | T1 (.png)
     figure5_enhancement.png      original slice | SRCNN(original) | DeepSR(original) | T1 MR, with
                                  the 8× models applied to the undegraded image
     results.json                 every number of the tables, the runs and the settings
@@ -55,6 +61,7 @@ from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import FLAGS, build_config, validate
 from petsr_jax.evaluation import report
 from petsr_jax.evaluation.report import count_of
+from petsr_jax.experiments import mr_guidance
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +73,24 @@ ENHANCEMENT_SCALE = 8  # the paper's Figure 5 applies the 8×-trained models
 
 # The runs beside the two models: name → (model, config overrides, scales it runs at). The paper's
 # text describes an input→output skip; the authors' code (and the default) skips at feature level.
-VARIANTS = {"deepsr_image": ("deepsr", "model.global_skip=image", (8,))}
+# MR-guided DeepSR (the paper's future work: the co-registered T1 as a second input channel)
+# runs at every paper scale, beside the PET-only DeepSR of the same protocol.
+VARIANTS = {
+    "deepsr_image": ("deepsr", "model.global_skip=image", (8,)),
+    "deepsr_mr": ("deepsr", "mr", PAPER_SCALES),
+}
 MODEL_ROW = {
     "srcnn": "Output SR from multi-scale SRCNN",
     "deepsr": "Output SR from DeepSR",
     "deepsr_image": "Output SR from DeepSR, image-level skip (paper text)",
+    "deepsr_mr": "Output SR from MR-guided DeepSR (PET + T1)",
 }
-MODEL_SHORT = {"srcnn": "SRCNN", "deepsr": "DeepSR", "deepsr_image": "DeepSR (image skip)"}
+MODEL_SHORT = {
+    "srcnn": "SRCNN",
+    "deepsr": "DeepSR",
+    "deepsr_image": "DeepSR (image skip)",
+    "deepsr_mr": "DeepSR + T1",
+}
 METRICS = (("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("lpips", "LPIPS", 3))
 # The same outputs mapped back per slice and scored per volume (petsr_jax.evaluation.evaluate).
 PHYSICAL_METRICS = (
@@ -445,6 +463,7 @@ def regional_recovery(models: dict, records: dict, configs: dict, scale: int) ->
             mesh=mesh,
             batch_size=resolver.batch_size,
             domain=resolver.domain,
+            guidance=resolver.guidance,
         )
         out[name] = result
     return out
@@ -844,6 +863,15 @@ def _tables_and_figures(settings, configs, records, t_start: float, command) -> 
             }
 
     out = settings.out_dir
+    for scale in settings.scales:
+        if ("deepsr_mr", scale) in records:
+            # PET-only vs MR-guided, with the lesion errors and figure that PSNR cannot replace.
+            tables[scale] += "\n" + mr_guidance.compare_workdirs(
+                records[("deepsr", scale)].workdir,
+                records[("deepsr_mr", scale)].workdir,
+                out,
+                stem=f"mr_comparison_x{scale}",
+            )
     figures = {}
     for scale in settings.scales:
         slices = figure_slices(configs[("srcnn", scale)], records[("srcnn", scale)].workdir)
