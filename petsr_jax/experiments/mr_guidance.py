@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from petsr_jax import data, files
@@ -130,6 +131,28 @@ def comparison_markdown(rows: list[dict], scale: int, figure: str | None = None)
     return "\n".join(lines) + "\n"
 
 
+def add_regional(run: dict, resolver, root: Path) -> None:
+    """A run's regional recovery: from its results.json, or measured now for a run finished
+    before training recorded it (same function, same test patients)."""
+    if "regional" in run["results"]:
+        return
+    from petsr_jax import sharding
+    from petsr_jax.evaluation import regional
+
+    recovery = regional.regional_recovery(
+        resolver.params,
+        root,
+        run["split"]["test"],
+        model=resolver.model,
+        scale=resolver.scale,
+        mesh=sharding.make_mesh(jax.local_devices()),
+        batch_size=resolver.batch_size,
+        domain=resolver.domain,
+        guidance=resolver.guidance,
+    )
+    run["results"]["regional"] = recovery if recovery["rows"] else None
+
+
 def lesion_slices(root, patients, count: int = 4) -> list[tuple[str, int]]:
     """(patient, slice) of up to `count` patients: each one's slice with the largest lesion
     area (patients without lesion labels are skipped)."""
@@ -207,17 +230,18 @@ def compare_workdirs(pet_only_dir, mr_guided_dir, out_dir, *, stem: str = "mr_co
 
     pet_only, mr_guided = read_run(pet_only_dir), read_run(mr_guided_dir)
     check_comparable(pet_only, mr_guided)
+    resolvers = inference.load(pet_only_dir), inference.load(mr_guided_dir)
+    root = Path(json.loads((Path(mr_guided_dir) / "data_info.json").read_text())["root"])
+    for run, resolver in zip((pet_only, mr_guided), resolvers, strict=True):
+        add_regional(run, resolver, root)
     rows = comparison_rows(pet_only, mr_guided)
     scale = int(pet_only["results"]["scale"])
-    root = Path(json.loads((Path(mr_guided_dir) / "data_info.json").read_text())["root"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     picks = lesion_slices(root, mr_guided["split"]["test"])
     figure, figure_name = None, f"{stem}.png"
     if picks:
-        panels = figure_panels(
-            inference.load(pet_only_dir), inference.load(mr_guided_dir), root, picks
-        )
+        panels = figure_panels(*resolvers, root, picks)
         comparison_figure(out_dir / figure_name, panels, [f"{p} z={z}" for p, z in picks])
         figure = figure_name
     markdown = comparison_markdown(rows, scale, figure)
