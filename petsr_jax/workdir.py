@@ -156,7 +156,8 @@ def fingerprint(config) -> str:
 
 
 def readable_name(config) -> str:
-    """`<model>_x<scale>`, plus the cohort preset, depth and domain where not the paper's."""
+    """`<model>_x<scale>`, plus the cohort preset, depth and domain where not the paper's, and
+    `_mr` for MR guidance."""
     name = f"{config.model.name}_x{config.scale}"
     if not config.data.root and config.data.cohort != "paper":
         name += f"_{config.data.cohort}"
@@ -164,6 +165,8 @@ def readable_name(config) -> str:
         name += f"_b{config.model.num_blocks}"
     if config.data.domain != "physical":
         name += f"_{config.data.domain}"
+    if config.get("mr") is not None and config.mr.t1:  # MR-guided beside its PET-only twin
+        name += "_mr_coords" if config.mr.coordinates else "_mr"
     return name
 
 
