@@ -38,6 +38,7 @@ import numpy as np
 from petsr_jax import checkpoint, data, files, sharding, train
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import field_names, parse_value, validate
+from petsr_jax.data import mr
 from petsr_jax.evaluation import evaluate, report
 from petsr_jax.models import create_model
 
@@ -216,7 +217,11 @@ def val_results(config, workdir: Path, results: dict) -> dict:
     root = data.resolve_root(config)
     split = checkpoint.read_json(Path(workdir) / "split.json")
     val_set = data.build_slice_set(
-        root, split["val"], eval_split=True, rule=config.data.eval_slices
+        root,
+        split["val"],
+        eval_split=True,
+        rule=config.data.eval_slices,
+        guidance=mr.guidance_channels(config),  # an MR-guided sweep's T1 (and coordinates)
     )
     scores = evaluate.evaluate_run(params, val_set, config, model=model, mesh=mesh)
     summary = evaluate.summarise(scores, val_set.patient)
