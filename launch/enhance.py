@@ -58,7 +58,12 @@ _ALLOW_UNITS = flags.DEFINE_bool(
     "(e.g. a parametric map), which is refused otherwise. A change of unit (SUVbw, kBq/mL) "
     "never needs it.",
 )
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "best", ("best", "last"), "Which params to use.")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint",
+    None,
+    ("best", "last"),
+    "Which params to use (default: those the run scored, its eval.weights).",
+)
 
 
 def reconstruction_scores(hr, bicubic, sr) -> dict[str, float]:
