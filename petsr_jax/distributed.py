@@ -101,25 +101,21 @@ def initialize(config) -> bool:
     kwargs = initialize_kwargs(config)
     if kwargs is None:
         return False
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized():
-        raise DistributedError(
-            "jax.distributed must start before JAX's backend, but something already used JAX "
-            "(jax.devices(), an array, a computation); call petsr_jax.distributed.initialize "
-            "first"
-        )
     # Gloo is jax 0.10's default; naming it keeps CPU runs working if that default changes.
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**kwargs)
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise DistributedError(
-            f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
-            f"failed: {e}. Check that every process got the same coordinator address and "
-            "process count, distinct process ids, and that process 0 can listen on that port."
-        ) from e
+    except RuntimeError as e:
+        if "must be called before" in str(e):  # JAX's own check that its backend is not up yet
+            raise DistributedError(
+                "jax.distributed must start before JAX's backend, but something already used "
+                "JAX (jax.devices(), an array, a computation); call "
+                "petsr_jax.distributed.initialize first"
+            ) from e
+        raise _failed(kwargs, e) from e
+    except (ValueError, TypeError) as e:
+        raise _failed(kwargs, e) from e
     log.info(
         "jax.distributed: process %d of %d, %d local / %d global devices",
         jax.process_index(),
@@ -128,3 +124,11 @@ def initialize(config) -> bool:
         jax.device_count(),
     )
     return True
+
+
+def _failed(kwargs: dict, error: Exception) -> DistributedError:
+    return DistributedError(
+        f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
+        f"failed: {error}. Check that every process got the same coordinator address and "
+        "process count, distinct process ids, and that process 0 can listen on that port."
+    )
