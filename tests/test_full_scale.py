@@ -20,7 +20,7 @@ FULL_NETWORK_BRIEFLY = ",".join(
         "quick",
         "model.num_blocks=20",
         "model.width=64",
-        "model.conv=xla",
+        "model.conv=flax",
         "data.crop_size=32",
         "train.batch_size=8",
         "train.lr=3e-4",
