@@ -236,6 +236,7 @@ class WorkdirLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._created_folder = False
 
     def _record(self) -> dict:
         return {
@@ -292,6 +293,7 @@ class WorkdirLock:
         aside.unlink(missing_ok=True)
 
     def acquire(self) -> WorkdirLock:
+        self._created_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
@@ -332,6 +334,9 @@ class WorkdirLock:
         found = self._read_holder()
         if found is not None and found[0].get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        if self._created_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # a writer that wrote nothing leaves no empty folder
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()

@@ -246,7 +246,7 @@ def test_the_readme_notebook_lines_run(tiny_deepsr_workdir, nifti_root, tmp_path
     scan = tmp_path / "scan_dicom"
     io.write_dicom(io.read_volume(nifti_root / "pat-03.nii.gz"), scan)
     code = (
-        snippet.replace('"runs/deepsr_x8"', repr(str(tiny_deepsr_workdir)))
+        snippet.replace('"runs/deepsr_x8_small_b6"', repr(str(tiny_deepsr_workdir)))
         .replace('"/data/scan_dicom"', repr(str(scan)))
         .replace('"enhanced_series/"', repr(str(tmp_path / "enhanced_series")))
     )

@@ -5,9 +5,9 @@ LPIPS(VGG) (`perceptual`), as the paper reports them.
     metrics.psnr(sr, hr), metrics.ssim(sr, hr, mask), metrics.lpips(sr, hr)
 """
 
-from petsr_jax.metrics.fidelity import SSIM_WINDOWS, mse, psnr, ssim
+from petsr_jax.metrics.fidelity import SSIM_WINDOW, SSIM_WINDOWS, mse, psnr, ssim
 
-__all__ = ["SSIM_WINDOWS", "lpips", "mse", "psnr", "ssim"]
+__all__ = ["SSIM_WINDOW", "SSIM_WINDOWS", "lpips", "mse", "psnr", "ssim"]
 
 
 def lpips(x, y, weights_dir: str | None = None):
