@@ -57,7 +57,11 @@ def run(config, workdir: str | None) -> dict:
     results = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         print(report.results_markdown(results))
-        print(f"Outputs in {workdir}: results.json, results.md, test_slices.png, tensorboard/")
+        print(
+            f"Outputs in {workdir}: results.md, results.json, test_slices.png, "
+            "training_curves.png, run.json, tensorboard/; in a notebook: "
+            f"petsr_jax.load({str(workdir)!r})"
+        )
     return results
 
 

@@ -478,6 +478,17 @@ class SuperResolver:
         )
         return data.from_domain(bicubic, low, span), data.from_domain(sr, low, span)
 
+    def _prepare(self, x, mr, check_units: bool):
+        """What both modes start from: `x` checked (warnings for what cannot be), its T1
+        guidance, its slices normalised per volume, and how to give results back in its kind."""
+        if isinstance(x, Volume):
+            for problem in self.check_input(x, mr=mr, check_units=check_units):
+                warnings.warn(problem, stacklevel=3)
+        guide = self.guide_for(mr, x)
+        slices, rebuild = _as_slices(x)
+        normalised, factor = _normalise(slices)
+        return rebuild, normalised, factor, guide
+
     def __call__(
         self,
         x,
@@ -496,12 +507,7 @@ class SuperResolver:
         slices. Negative activity in the result is clipped to 0 (`quantitation.clip_negative`);
         a Volume result counts the clipped voxels in `meta["clipped_voxels"]`.
         """
-        if isinstance(x, Volume):
-            for problem in self.check_input(x, mr=mr, check_units=check_units):
-                warnings.warn(problem, stacklevel=2)
-        guide = self.guide_for(mr, x)
-        slices, rebuild = _as_slices(x)
-        normalised, factor = _normalise(slices)
+        rebuild, normalised, factor, guide = self._prepare(x, mr, check_units)
         out = self.enhance_normalised(
             normalised, batch_size=batch_size, progress=progress, guide=guide
         )
@@ -522,12 +528,7 @@ class SuperResolver:
         (`degrade` of the normalised `x`, scaled back, bicubic overshoot included); `sr` is
         clipped at 0 as in `__call__`. `mr` (not degraded) and `check_units` as in `__call__`.
         """
-        if isinstance(x, Volume):
-            for problem in self.check_input(x, mr=mr, check_units=check_units):
-                warnings.warn(problem, stacklevel=2)
-        guide = self.guide_for(mr, x)
-        slices, rebuild = _as_slices(x)
-        normalised, factor = _normalise(slices)
+        rebuild, normalised, factor, guide = self._prepare(x, mr, check_units)
         bicubic, sr = self.reconstruct_normalised(
             normalised, batch_size=batch_size, progress=progress, guide=guide
         )

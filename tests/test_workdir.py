@@ -135,6 +135,59 @@ def test_a_training_of_a_locked_workdir_touches_nothing(finished_copy, nifti_roo
         assert _snapshot(finished_copy) == before
 
 
+HOLD_LOCK = """
+import sys, time
+from petsr_jax.workdir import WorkdirLock
+WorkdirLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _main(workdir: Path, root, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/main.py"),
+            f"--config={REPO}/configs/deepsr.py:tiny,data.root={root}",
+            f"--workdir={workdir}",
+        ],
+        env=fresh_python_env(PETSR_CACHE_DIR=str(cache)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_second_process_stops_before_any_work_and_a_killed_holder_is_not_waited_for(
+    finished_copy, nifti_root, tmp_path
+):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(finished_copy)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=fresh_python_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(finished_copy)
+        cache = tmp_path / "cache"
+        refused = _main(finished_copy, nifti_root, cache)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"pid {holder.pid} on {socket.gethostname()}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert _snapshot(finished_copy) == before  # the workdir unchanged by the second process
+        assert not cache.exists() or not any(cache.iterdir())  # stopped before reading data
+    finally:
+        holder.kill()  # kill -9: the lock file stays behind
+        holder.wait()
+    assert (finished_copy / workdir_lib.LOCK_FILE).exists()
+    rerun = _main(finished_copy, nifti_root, tmp_path / "cache2")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"process {holder.pid} is not running" in rerun.stderr
+    assert not (finished_copy / workdir_lib.LOCK_FILE).exists()
+
+
 def _write_lock(folder: Path, **holder) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / workdir_lib.LOCK_FILE
