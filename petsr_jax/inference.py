@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -52,7 +51,7 @@ from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation.predict import map_batches
 from petsr_jax.io.geometry import affine_in
 from petsr_jax.io.units import is_activity_concentration
-from petsr_jax.models import create_model
+from petsr_jax.models import abstract_params, create_model
 from petsr_jax.volume import Volume
 
 MODES = ("enhance", "reconstruct")
@@ -117,7 +116,11 @@ def load(workdir, *, which: str | None = None, batch_size: int | None = None) ->
     if which is None:
         which = "last" if config.eval.get("weights", "best") == "final" else "best"
     model = create_model(config)
-    like = _abstract_params(model, int(config.model.get("in_channels", 1)))
+    like = abstract_params(
+        model,
+        int(config.model.get("in_channels", 1)),
+        jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    )
     try:
         params = checkpoint.restore_params(workdir, like, which=which)
     except checkpoint.CheckpointError:
@@ -187,14 +190,6 @@ def read_data_info(workdir) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InferenceError(f"{path}: cannot be read as JSON ({error})") from error
-
-
-def _abstract_params(model, in_channels: int):
-    """Shapes, dtypes and placement of the params, without running the initialiser."""
-    dummy = jax.ShapeDtypeStruct((1, 16, 16, in_channels), jnp.float32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class ActivityChange:
         return _relative(self.max_output, self.max_input)
 
     def summary(self) -> str:
-        """`total −0.4 %, max +12.3 %, 12 voxels clipped to 0 (0.001 % of the scan)`, for a log line."""
+        """`total −0.4 %, max +12.3 %, 12 voxels clipped to 0 (0.001 % of the scan)`: a log line."""
         text = f"total {_percent(self.total_change)}, max {_percent(self.max_change)}"
         if self.clipped_voxels:
             share = 100 * self.clipped_voxels / max(self.voxels, 1)

@@ -26,10 +26,17 @@ def count_of(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _fmt(entry: dict, metric: str, digits: int) -> str:
+def mean_std_cell(entry: dict, metric: str, digits: int, missing: str = "") -> str:
+    """`mean ± std` of a summarised metric, or `n/a` (with why, when given) where absent."""
     if metric not in entry:
-        return "n/a"
+        return f"n/a ({missing})" if missing else "n/a"
     return f"{entry[metric]:.{digits}f} ± {entry[metric + '_std']:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table: the header, its rule, one line per row."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 METRICS = (
@@ -123,7 +130,9 @@ def results_markdown(results: dict, run_record: dict | None = None) -> str:
         ("sr", f"Output SR ({name})"),
     ):
         lines.append(
-            f"| {label} | " + " | ".join(_fmt(test[key], m, d) for m, _, d in columns) + " |"
+            f"| {label} | "
+            + " | ".join(mean_std_cell(test[key], m, d) for m, _, d in columns)
+            + " |"
         )
     if "lpips_unavailable" in test:
         lines += ["", f"LPIPS unavailable: {test['lpips_unavailable']}"]

@@ -40,7 +40,7 @@ from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import field_names, parse_value, validate
 from petsr_jax.data import mr
 from petsr_jax.evaluation import evaluate, report
-from petsr_jax.models import create_model
+from petsr_jax.models import abstract_params, create_model
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +192,6 @@ def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Swe
     return swept, runs
 
 
-def _abstract_params(model, config, mesh):
-    """Shapes and replicated shardings of a model's params, without running its init."""
-    size = config.data.crop_size or 32
-    dummy = jax.ShapeDtypeStruct((1, size, size, config.model.in_channels), np.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x)["params"], dummy)
-    rep = sharding.replicated(mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
-
-
 def val_results(config, workdir: Path, results: dict) -> dict:
     """Validation summary of the params a finished run scored (`eval.weights`: best or final;
     cached in `val_results.json`)."""
@@ -213,7 +204,9 @@ def val_results(config, workdir: Path, results: dict) -> dict:
     mesh = sharding.make_mesh()
     model = create_model(config)
     which = "last" if config.eval.weights == "final" else "best"
-    params = checkpoint.restore_params(workdir, _abstract_params(model, config, mesh), which)
+    params = checkpoint.restore_params(
+        workdir, abstract_params(model, config.model.in_channels, sharding.replicated(mesh)), which
+    )
     root = data.resolve_root(config)
     split = checkpoint.read_json(Path(workdir) / "split.json")
     val_set = data.build_slice_set(
@@ -307,12 +300,6 @@ def _sweep(config, swept: Sweep, runs: list, out_dir: Path, progress: bool) -> d
     return table
 
 
-def _cell(entry: dict, metric: str, digits: int) -> str:
-    if metric not in entry:
-        return "n/a"
-    return f"{entry[metric]:.{digits}f} ± {entry[metric + '_std']:.{digits}f}"
-
-
 def table_markdown(table: dict) -> str:
     """The sweep as a markdown table: one row per value, the bicubic baseline first."""
     name = MODEL_NAMES.get(table["model"], table["model"])
@@ -331,14 +318,14 @@ def table_markdown(table: dict) -> str:
     ]
     first = table["runs"][0]
     bicubic = [
-        _cell(first[split]["bicubic"], metric, digits)
+        report.mean_std_cell(first[split]["bicubic"], metric, digits)
         for split in SPLITS
         for metric, _, digits, _ in TABLE_METRICS
     ]
     lines.append(f"| bicubic | — | {' | '.join(bicubic)} | — | — |")
     for row in table["runs"]:
         cells = [
-            _cell(row[split]["sr"], metric, digits)
+            report.mean_std_cell(row[split]["sr"], metric, digits)
             for split in SPLITS
             for metric, _, digits, _ in TABLE_METRICS
         ]

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from petsr_jax import data, files
+from petsr_jax.evaluation import report
 
 # Columns: (results key, header, digits). Whole-slice and brain scores of the run's domain.
 SCORE_COLUMNS = (
@@ -104,19 +105,20 @@ def _number(value, digits: int, signed: bool = False) -> str:
 def comparison_markdown(rows: list[dict], scale: int, figure: str | None = None) -> str:
     """The side-by-side table, with what the regional columns mean and where MR is blind."""
     header = [h for _, h, _ in SCORE_COLUMNS] + [h for _, _, h in REGION_COLUMNS]
-    lines = [
-        f"#### PET-only vs MR-guided DeepSR, {scale}× (test patients)",
-        "",
-        "| image | " + " | ".join(header) + " |",
-        "|---|" + "---|" * len(header),
-    ]
-    for row in rows:
-        cells = [_number(row["scores"][k], d) for k, _, d in SCORE_COLUMNS]
-        cells += [
+    cells = [
+        [row["label"]]
+        + [_number(row["scores"][k], d) for k, _, d in SCORE_COLUMNS]
+        + [
             _number(row["regions"][f"{kind}/{stat}"], 1, signed="abs" not in stat)
             for kind, stat, _ in REGION_COLUMNS
         ]
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+        for row in rows
+    ]
+    lines = [
+        f"#### PET-only vs MR-guided DeepSR, {scale}× (test patients)",
+        "",
+        *report.markdown_table(["image", *header], cells),
+    ]
     counts = rows[-1]["region_counts"]
     lines += [
         "",

@@ -337,12 +337,6 @@ def lpips_note(config, test: dict) -> str | None:
     return test.get("lpips_unavailable", "LPIPS unavailable")
 
 
-def _cell(entry: dict, metric: str, digits: int, missing: str) -> str:
-    if metric not in entry:
-        return f"n/a ({missing})" if missing else "n/a"
-    return f"{entry[metric]:.{digits}f} ± {entry[metric + '_std']:.{digits}f}"
-
-
 def table_rows(scale: int, records: dict, configs: dict, metrics: tuple = METRICS) -> list[dict]:
     """The rows of a scale's table (bicubic, each run at that scale): label, our numbers in
     `metrics`, the paper's numbers."""
@@ -361,7 +355,10 @@ def table_rows(scale: int, records: dict, configs: dict, metrics: tuple = METRIC
                 "ours": {k: entry[k] for m, _, _ in metrics for k in (m, f"{m}_std") if k in entry},
                 "lpips_note": note,
                 "paper": PAPER_TABLES.get(scale, {}).get(key),
-                "cells": [_cell(entry, m, d, note if m == "lpips" else "") for m, _, d in metrics],
+                "cells": [
+                    report.mean_std_cell(entry, m, d, note if m == "lpips" else "")
+                    for m, _, d in metrics
+                ],
             }
         )
     return rows
@@ -376,16 +373,15 @@ def table_markdown(scale: int, rows: list[dict], srcnn: RunRecord) -> str:
     header = ["Image"] + [label for _, label, _ in METRICS]
     if has_paper:
         header += [f"Paper {label}" for _, label, _ in METRICS]
+    cells = [
+        [row["label"], *row["cells"], *(row["paper"] or ("—",) * len(METRICS) if has_paper else ())]
+        for row in rows
+    ]
     lines = [
         f"### {title}: {scale}× downscaled simulation",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *report.markdown_table(header, cells),
     ]
-    for row in rows:
-        paper = list(row["paper"] or ("—",) * len(METRICS)) if has_paper else []
-        cells = [row["label"]] + row["cells"] + paper
-        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"Ours: mean ± std over {count_of(test['num_slices'], 'test slice')} of "

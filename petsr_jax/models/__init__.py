@@ -71,3 +71,13 @@ def create_model(config) -> nn.Module:
 def count_params(params) -> int:
     """Number of scalar parameters in a params pytree."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def abstract_params(model: nn.Module, in_channels: int, placement) -> dict:
+    """The shapes and dtypes of a model's params, placed with `placement` (a sharding), without
+    running its initialiser: what a checkpoint restore fills in."""
+    dummy = jax.ShapeDtypeStruct((1, 16, 16, in_channels), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), dummy)["params"]
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement), shapes
+    )
