@@ -33,7 +33,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and its arg.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run folder (default: runs/<model>_x<scale>[_<flags>])."
+    "workdir",
+    None,
+    "Run folder (default: runs/<model>_x<scale>[_<cohort>][_b<blocks>][_<domain>][_mr], plus "
+    "-<hash> when that folder holds a run of another config).",
 )
 
 # Errors about the user's inputs: their messages say what to change, a traceback adds nothing.
