@@ -4,8 +4,9 @@ The benchmarks time the project's own code paths: `petsr_jax.train.make_train_st
 inside the jitted step, MSE, Adam), the model's forward pass, a whole volume through
 `evaluation.predict.predict_slices` (what enhancing a scan runs), and the Grain training loader
 of `petsr_jax.data`. FLOPs count 2 per multiply-add of every convolution of the forward pass,
-3× that for a train step, exactly as `../shared/bench/torch_reference.py` does, so the two
-scripts' `gflops_per_s` compare directly. `conv` picks the convolution as `model.conv` does.
+3× that for a train step, as the PyTorch reference benchmark of the same networks counts
+them, so the two scripts' `gflops_per_s` compare directly. `conv` picks the convolution as
+`model.conv` does.
 """
 
 from __future__ import annotations
