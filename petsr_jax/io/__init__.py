@@ -1,5 +1,6 @@
 """Scan readers and writers (DICOM series, NIfTI): `read_volume`, `write_dicom`, `write_nifti`,
-`write_outputs` (both formats of one scan, all or nothing).
+`write_outputs` (both formats of one scan, all or nothing), `resample` (another voxel size, or
+another scan's grid).
 
 Everything a user can get wrong about a scan (a folder holding several series, a truncated file,
 mixed slice sizes, a 4D NIfTI...) becomes one `ScanError` that names the file and the problem,
@@ -9,7 +10,8 @@ one: they write under a temporary name beside the target and rename at the end.
 One module per concern: `dicom` (series in folders), `nifti` (files), `units` (DICOM units and
 SUV), `geometry` (slice order, affines, LPS / RAS, grids refused at the door), `files`
 (temporary names, all-or-nothing renames, leftovers of interrupted writes), `outputs` (a DICOM
-series and a NIfTI file of one scan written together, all or nothing), `errors` (`ScanError`).
+series and a NIfTI file of one scan written together, all or nothing), `resample` (voxel size
+and grid, geometry kept true), `errors` (`ScanError`).
 Array conventions are in the `dicom` and `nifti` module docstrings; the SUV formula in `units`.
 """
 
@@ -21,6 +23,7 @@ from petsr_jax.io.dicom import SeriesInfo, list_series, read_dicom_volume, write
 from petsr_jax.io.errors import ScanError
 from petsr_jax.io.nifti import is_nifti, read_nifti_array, read_nifti_volume, write_nifti
 from petsr_jax.io.outputs import write_outputs
+from petsr_jax.io.resample import resample
 from petsr_jax.io.units import convert_units
 from petsr_jax.volume import Volume
 
@@ -30,6 +33,7 @@ __all__ = [
     "list_series",
     "read_nifti_array",
     "read_volume",
+    "resample",
     "write_dicom",
     "write_nifti",
     "write_outputs",
