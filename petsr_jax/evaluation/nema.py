@@ -29,8 +29,8 @@ and slice count):
    report it (no voxel-size correction).
 
 Per sphere, with its fitted centre: RC_max (hottest voxel whose centre is in the sphere),
-RC_mean (mean of those voxels), RC_A50 (mean of the voxels connected to the hottest one at or
-above B + 0.5 (max − B), B the background mean), each over the true sphere activity: given, or
+RC_mean (mean of those voxels), RC_A50 (mean of the voxels 26-connected to the hottest one at
+or above B + 0.5 (max − B), B the background mean), each over the true sphere activity: given, or
 the fitted plateau of the 37 mm sphere. Background: mean and voxel CoV of the voxels within
 20 mm of the sphere plane, 15 mm or more from the body's edge, any sphere's wall and the lung
 insert; and NEMA NU 2's background variability (12 ROIs of each sphere size on 5 slices, sphere
@@ -495,7 +495,8 @@ def _sphere_record(volume, data, spacing, fit, radius, diameter, bg_mean, truth,
     hottest = np.unravel_index(np.argmax(np.where(in_sphere, values, -np.inf)), values.shape)
     threshold = bg_mean + 0.5 * (maximum - bg_mean)
     near = (values >= threshold) & (r <= radius + wall_mm + FWHM_PER_SIGMA * fit["sigma"])
-    labels, _ = ndimage.label(near)
+    # 26-connected: a noisy (or deconvolved) sphere's hot voxels often touch only at edges.
+    labels, _ = ndimage.label(near, np.ones((3, 3, 3)))
     a50 = labels == labels[hottest] if labels[hottest] else np.zeros_like(near)
     a50[hottest] = True
     a50_mean = float(values[a50].mean())
