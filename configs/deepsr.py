@@ -82,6 +82,18 @@ VARIANTS = {
         "model.width": 32,
         "train.lr": 5e-4,
     },
+    # Trained on what a scanner produces, for enhancing real scans (petsr_jax.task): the input
+    # is the true activity of random shape phantoms blurred by a 3D PSF of 3–6 mm FWHM with
+    # reconstruction noise, the target the same activity at half that FWHM without noise; the
+    # network sees 3 slices and is told the PSF; its output keeps the input's activity in every
+    # 4×4 block. Combines with the others: `scanner,quick` (a CPU run of minutes), `scanner,gpu`.
+    "scanner": {
+        "task.degradation": "scanner",
+        "task.context": 1,
+        "task.consistency": "block",
+        "model.in_channels": 4,
+        "data.eval_slices": "all",
+    },
     # MR-guided: the co-registered T1 slice as a second input channel (full resolution, not
     # degraded); the output and the residual stay PET only. Combines with the others:
     # `quick,mr`. Add the radial and axial coordinate channels with `mr.coordinates=true,

@@ -199,12 +199,13 @@ def benchmark_train(
 
     from petsr_jax import sharding, train
     from petsr_jax.models import count_params, create_model
+    from petsr_jax.task import Bicubic, Task
 
     config = bench_config(model, blocks, precision, remat=remat, scale=scale, conv=conv)
     net = create_model(config)
     tx = train.make_optimizer(config)
     state = train.init_state(config, net, tx)
-    step_fn = train.make_train_step(net, tx, scale)
+    step_fn = train.make_train_step(net, tx, Task(Bicubic(scale)))
     if donate:
         mesh = sharding.make_mesh()
         state = sharding.replicate(state, mesh)
@@ -327,13 +328,14 @@ def benchmark_volume(
     from petsr_jax import sharding
     from petsr_jax.evaluation import predict
     from petsr_jax.models import count_params
+    from petsr_jax.task import Bicubic, Task
 
     conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
     mesh = sharding.make_mesh()
 
     def run(slices):
         return predict.predict_slices(
-            params, slices, model=net, scale=scale, mesh=mesh, batch_size=batch
+            params, slices, model=net, task=Task(Bicubic(scale)), mesh=mesh, batch_size=batch
         )
 
     volume = np.random.default_rng(seed).random((slices, size, size), np.float32)

@@ -154,6 +154,7 @@ def assert_train_gradients_match_xla(name: str, conv: str, **fields) -> None:
     from petsr_jax import train
     from petsr_jax.config import build_config
     from petsr_jax.models import create_model
+    from petsr_jax.task import Bicubic, Task
 
     hr = jax.random.uniform(jax.random.key(3), (2, 24, 24, 1))
     grads = {}
@@ -163,7 +164,9 @@ def assert_train_gradients_match_xla(name: str, conv: str, **fields) -> None:
             config.model.conv = impl
         model = create_model(config)
         params = model.init(jax.random.key(0), hr)["params"]
-        grads[impl] = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 3))(params, model, hr, 8)
+        task, keys = Task(Bicubic(8)), jax.random.split(jax.random.key(1), 2)
+        loss = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 2))
+        grads[impl] = loss(params, model, task, {"hr": hr}, keys)
     assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads[conv])
     got = dict(jax.tree_util.tree_leaves_with_path(grads[conv]))
     for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):

@@ -15,6 +15,7 @@ from petsr_jax import data, io, sharding
 from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation import evaluate, regional
 from petsr_jax.models import DeepSR
+from petsr_jax.task import Bicubic, Task
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +93,7 @@ def test_paper_domain_scores_match_pil_and_scikit_image(net, nifti_root):
     slices = data.build_slice_set(nifti_root, ["pat-00", "pat-01"], eval_split=True)
     mesh = sharding.make_mesh()
     scores = evaluate.evaluate(
-        params, slices, model=model, scale=8, mesh=mesh, batch_size=3, domain="paper"
+        params, slices, model=model, task=Task(Bicubic(8, "paper")), mesh=mesh, batch_size=3
     )
     for i in range(len(slices)):
         hr8 = _authors_uint8(np.asarray(slices.hr[i]))
@@ -116,7 +117,7 @@ def test_paper_domain_scores_match_pil_and_scikit_image(net, nifti_root):
             )
     # The same outputs, mapped back per slice, are scored per volume and in the brain too.
     assert {"sr/psnr_physical", "sr/ssim_physical", "sr/psnr_brain"} <= set(scores)
-    physical = evaluate.evaluate(params, slices, model=model, scale=8, mesh=mesh)
+    physical = evaluate.evaluate(params, slices, model=model, task=Task(Bicubic(8)), mesh=mesh)
     assert not np.allclose(scores["bicubic/psnr"], physical["bicubic/psnr"])
     # Bicubic in per-volume units after the 8-bit round trip: close to, not equal to, physical.
     np.testing.assert_allclose(scores["bicubic/psnr_physical"], physical["bicubic/psnr"], atol=1.5)
@@ -186,7 +187,13 @@ def test_regional_recovery_against_a_hand_computation(net, nifti_root, tmp_path)
     _write_map(root / "lesions" / "pat-01.nii.gz", lesions, root / "pat-01.nii.gz")
     mesh = sharding.make_mesh()
     result = regional.regional_recovery(
-        params, root, ["pat-01", "pat-02"], model=model, scale=8, mesh=mesh, batch_size=3
+        params,
+        root,
+        ["pat-01", "pat-02"],
+        model=model,
+        task=Task(Bicubic(8)),
+        mesh=mesh,
+        batch_size=3,
     )
     assert result["skipped"] == ["pat-02"] and result["units"] == "BQML"
     assert [r["region"] for r in result["rows"]] == ["grey_matter", "lesion_1", "lesion_2"]

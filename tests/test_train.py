@@ -21,6 +21,7 @@ from petsr_jax import checkpoint, data, sharding, train
 from petsr_jax.config import build_config
 from petsr_jax.data.degrade import degrade
 from petsr_jax.models import SRCNN, DeepSR
+from petsr_jax.task import Bicubic, Task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +50,7 @@ def test_step_loss_is_mse_of_the_model_on_the_degraded_input():
     model, tx = SRCNN(), optax.adam(1e-3)
     hr = _hr()
     state = _state(model, tx, hr)
-    _, metrics = train.make_train_step(model, tx, scale=4)(state, {"hr": jnp.asarray(hr)})
+    _, metrics = train.make_train_step(model, tx, Task(Bicubic(4)))(state, {"hr": jnp.asarray(hr)})
     sr = model.apply({"params": state.params}, degrade(jnp.asarray(hr), 4))
     np.testing.assert_allclose(metrics["loss"], np.mean((np.asarray(sr) - hr) ** 2), rtol=1e-5)
 
@@ -58,7 +59,7 @@ def test_loss_decreases_on_a_fixed_batch():
     model, tx = DeepSR(num_blocks=2, width=8), optax.adam(1e-3)
     hr = jnp.asarray(_hr())
     state = _state(model, tx, hr)
-    step = jax.jit(train.make_train_step(model, tx, scale=4))
+    step = jax.jit(train.make_train_step(model, tx, Task(Bicubic(4))))
     losses = []
     for _ in range(30):
         state, m = step(state, {"hr": hr})
@@ -75,7 +76,7 @@ def test_sharded_step_equals_single_device_step():
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.make_mesh(devices)
         state = sharding.replicate(_state(model, tx, hr), mesh)
-        step = train.jit_train_step(train.make_train_step(model, tx, scale=4), mesh)
+        step = train.jit_train_step(train.make_train_step(model, tx, Task(Bicubic(4))), mesh)
         for _ in range(3):
             state, m = step(state, sharding.local_batch_to_global({"hr": hr}, mesh))
         assert len(state.params["conv_in"]["kernel"].sharding.device_set) == len(devices)

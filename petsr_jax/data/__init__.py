@@ -29,6 +29,7 @@ from petsr_jax.data.slices import (
     build_slice_set,
     cache_dir,
     cache_path_of,
+    context_slices,
     eval_slice_indices,
     eval_slices_description,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "build_slice_set",
     "cache_dir",
     "cache_path_of",
+    "context_slices",
     "degrade",
     "denormalise",
     "eval_slice_indices",

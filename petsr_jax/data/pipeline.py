@@ -20,8 +20,9 @@ from petsr_jax.data.domain import to_domain
 class SliceSource(grain.sources.RandomAccessDataSource):
     """Grain random access over the training slices of a cache (memory-mapped, picklable).
 
-    A record is the `[H, W]` slice, or with guidance (`guide_path` / `guide`) the dict
-    `{"hr": [H, W], "guide": [H, W, C]}` of the same slice.
+    A record is the `[H, W]` slice, or with extra channels the dict `{"hr": [H, W], "guide":
+    [H, W, C], "context": [H, W, 2n]}` of the same slice: MR guidance (`guide_path` / `guide`)
+    and neighbouring slices (`context_path` / `context`), each present when given.
     """
 
     def __init__(
@@ -31,39 +32,67 @@ class SliceSource(grain.sources.RandomAccessDataSource):
         *,
         guide_path: str | os.PathLike | None = None,
         guide: np.ndarray | None = None,
+        context_path: str | os.PathLike | None = None,
+        context: np.ndarray | None = None,
     ):
-        self._path = None if hr_path is None else str(hr_path)
-        self._array = array
-        self._guide_path = None if guide_path is None else str(guide_path)
-        self._guide = guide
+        # name → (path of a .npy file to memory-map, or None; the array, or None until opened)
+        self._arrays = {
+            name: (None if path is None else str(path), array)
+            for name, path, array in (
+                ("hr", hr_path, array),
+                ("guide", guide_path, guide),
+                ("context", context_path, context),
+            )
+            if path is not None or array is not None
+        }
 
-    def _data(self) -> np.ndarray:
-        if self._array is None:
-            self._array = np.load(self._path, mmap_mode="r", allow_pickle=False)
-        return self._array
+    @classmethod
+    def of(cls, slices) -> SliceSource:
+        """The source of a `SliceSet`: its memory-mapped files where it has them, else arrays."""
 
-    def _guide_data(self) -> np.ndarray | None:
-        if self._guide is None and self._guide_path is not None:
-            self._guide = np.load(self._guide_path, mmap_mode="r", allow_pickle=False)
-        return self._guide
+        def split(array):
+            path = getattr(array, "filename", None)
+            return path, None if path is not None or array is None else np.asarray(array)
+
+        hr_path, hr = split(slices.hr)
+        guide_path, guide = split(getattr(slices, "guide", None))
+        context_path, context = split(getattr(slices, "context", None))
+        return cls(
+            hr_path,
+            hr,
+            guide_path=guide_path,
+            guide=guide,
+            context_path=context_path,
+            context=context,
+        )
+
+    def _data(self, name: str) -> np.ndarray:
+        path, array = self._arrays[name]
+        if array is None:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            self._arrays[name] = (path, array)
+        return array
 
     def __len__(self) -> int:
-        return int(self._data().shape[0])
+        return int(self._data("hr").shape[0])
 
     def __getitem__(self, i):
-        hr = np.asarray(self._data()[i], np.float32)
-        guide = self._guide_data()
-        if guide is None:
+        hr = np.asarray(self._data("hr")[i], np.float32)
+        if len(self._arrays) == 1:
             return hr
-        return {"hr": hr, "guide": np.asarray(guide[i], np.float32)}
+        record = {"hr": hr}
+        for name in self._arrays:
+            if name != "hr":
+                record[name] = np.asarray(self._data(name)[i], np.float32)
+        return record
 
     def __getstate__(self):
         # Workers re-open the memory maps rather than receiving the arrays through a pipe.
         state = dict(self.__dict__)
-        if self._path is not None:
-            state["_array"] = None
-        if self._guide_path is not None:
-            state["_guide"] = None
+        state["_arrays"] = {
+            name: (path, None if path is not None else array)
+            for name, (path, array) in self._arrays.items()
+        }
         return state
 
 
@@ -77,7 +106,7 @@ class ToDomain(grain.transforms.Map):
     def map(self, element):
         if self.domain == "physical":
             return element
-        if isinstance(element, dict):  # the PET only: guidance channels are not PET
+        if isinstance(element, dict):  # the PET only (paper-domain runs have no context)
             return {**element, "hr": to_domain(element["hr"][None], self.domain)[0][0]}
         return to_domain(element[None], self.domain)[0][0]
 
@@ -86,8 +115,8 @@ class ToDomain(grain.transforms.Map):
 class CropFlip(grain.transforms.RandomMap):
     """A random `crop_size` crop (0 = whole slice) and random flips of one [H, W] slice.
 
-    Returns `{"hr": float32 [h, w, 1]}`. A record `{"hr": [H, W], "guide": [H, W, C]}` gets the
-    one crop and the same flips on both, and returns `{"hr": [h, w, 1], "guide": [h, w, C]}`.
+    Returns `{"hr": float32 [h, w, 1]}`. A record with `guide` `[H, W, C]` and/or `context`
+    `[H, W, 2n]` gets the one crop and the same flips on all of them, which keep their channels.
     Grain seeds the generator per record, so the augmentation of a record is the same after a
     restore.
     """

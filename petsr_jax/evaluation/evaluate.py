@@ -47,20 +47,24 @@ def _physical_scores(out, images, hr, mask):
         out[f"{name}/ssim_brain"] = metrics.ssim(img, hr, mask)
 
 
-def make_score_fn(model, scale: int, mesh, domain: str = "physical"):
+def make_score_fn(model, task, mesh):
     """A jitted `score(params, batch) -> {"<image>/<metric>": [N]}` with the batch sharded.
 
-    `batch` holds `hr` (in `domain`), `mask` when the slices have a brain mask, and for "paper"
-    also `low`, `span` (`to_domain`) and `hr_volume`, the slices before `to_domain`.
+    `batch` holds `hr` (in the task's domain), `mask` when the slices have a brain mask, and
+    for "paper" also `low`, `span` (`to_domain`) and `hr_volume`, the slices before
+    `to_domain`. Both images are scored against the task's target: `hr` itself for the paper's
+    bicubic task, the finer noise-free image for a scanner task. "bicubic" names the
+    network's input, whichever degradation made it.
     """
-    predict = make_predict_fn(model, scale, domain)
+    predict = make_predict_fn(model, task)
+    domain = task.degradation.domain
 
     def score(params, batch):
         hr, mask = batch["hr"], batch.get("mask")
-        lr_up, sr = predict(params, batch)
+        lr_up, sr, target = predict(params, batch)
         out = {}
         if domain == "physical":
-            _physical_scores(out, (("bicubic", lr_up), ("sr", sr)), hr, mask)
+            _physical_scores(out, (("bicubic", lr_up), ("sr", sr)), target, mask)
             return out
         images = (("bicubic", lr_up), ("sr", store_8bit(sr)))
         for name, img in images:
@@ -88,11 +92,14 @@ def _score_inputs(slices, domain: str) -> dict[str, np.ndarray]:
     """What the score function reads per slice of a `SliceSet` (`make_score_fn`)."""
     volume = np.asarray(slices.hr, np.float32)
     hr, low, span = data.to_domain(volume, domain)
-    inputs = {"hr": hr[..., None]}
+    # `index` fixes each slice's draw of a stochastic degradation (`Task.eval_keys`).
+    inputs = {"hr": hr[..., None], "index": np.arange(len(hr), dtype=np.int32)}
     if slices.mask is not None:
         inputs["mask"] = np.asarray(slices.mask)[..., None]
     if getattr(slices, "guide", None) is not None:  # an MR-guided run's T1 (and coordinates)
         inputs["guide"] = slices.guide
+    if getattr(slices, "context", None) is not None:  # neighbouring slices (2.5D, 3D PSF)
+        inputs["context"] = slices.context
     if domain != "physical":
         inputs.update(low=low, span=span, hr_volume=volume[..., None])
     return inputs
@@ -103,10 +110,9 @@ def evaluate(
     slices,
     *,
     model,
-    scale: int,
+    task,
     mesh,
     batch_size: int = 8,
-    domain: str = "physical",
     lpips_weights: str | None = None,
     with_lpips: bool = False,
     progress=None,
@@ -117,24 +123,23 @@ def evaluate(
     is computed on the images the other metrics see, clipped to [0, 1]; when unavailable the
     dict holds `"lpips_unavailable": reason` instead.
     """
+    domain = task.degradation.domain
     inputs = _score_inputs(slices, domain)
     run = functools.partial(map_batches, batch_size=batch_size, mesh=mesh)
-    result = dict(
-        run(_score_fn(model, scale, mesh, domain), params, inputs, progress=progress) or {}
-    )
+    result = dict(run(_score_fn(model, task, mesh), params, inputs, progress=progress) or {})
     if not with_lpips:
         return result
     # Every process runs the prediction, weights or not: it is one collective program, and a
     # process that skipped it would leave the others waiting.
-    predict_inputs = {k: v for k, v in inputs.items() if k in ("hr", "guide")}
-    lr_up, sr = run(jitted_predict(model, scale, mesh, domain), params, predict_inputs)
+    predict_inputs = {k: v for k, v in inputs.items() if k in ("hr", "guide", "context", "index")}
+    lr_up, sr, target = run(jitted_predict(model, task, mesh), params, predict_inputs)
     lpips_fn, reason = _lpips_fn(lpips_weights)
     if lpips_fn is None:
         result["lpips_unavailable"] = reason
         return result
     if domain != "physical":
         sr = np.asarray(store_8bit(sr))
-    hr = np.clip(inputs["hr"], 0, 1)
+    hr = np.clip(target, 0, 1)
     for name, image in (("bicubic", lr_up), ("sr", sr)):
         result[f"{name}/lpips"] = np.concatenate(
             [
@@ -147,24 +152,25 @@ def evaluate(
     return result
 
 
-def evaluate_run(params, slices, config, *, model, mesh, with_lpips: bool | None = None) -> dict:
-    """`evaluate` with a run config's scale, evaluation batch size and LPIPS settings."""
+def evaluate_run(
+    params, slices, config, *, model, task, mesh, with_lpips: bool | None = None
+) -> dict:
+    """`evaluate` with a run config's evaluation batch size and LPIPS settings."""
     return evaluate(
         params,
         slices,
         model=model,
-        scale=config.scale,
+        task=task,
         mesh=mesh,
         batch_size=config.eval.batch_size,
-        domain=config.data.domain,
         with_lpips=config.eval.lpips if with_lpips is None else with_lpips,
         lpips_weights=config.eval.lpips_weights or None,
     )
 
 
 @functools.lru_cache(maxsize=16)
-def _score_fn(model, scale, mesh, domain):
-    return make_score_fn(model, scale, mesh, domain)
+def _score_fn(model, task, mesh):
+    return make_score_fn(model, task, mesh)
 
 
 def _lpips_fn(weights_dir):

@@ -10,8 +10,10 @@ fix here reaches every caller. What it guarantees:
 * batch k+1 is dispatched before batch k is copied to the host, so the copy overlaps the work
   while at most two batches are alive on the device.
 
-`make_predict_fn` is the model's view of a slice: degrade by `scale` in the run's domain, then
-the network (with an MR-guided model's guidance channels beside the degraded PET).
+`make_predict_fn` is the model's view of a slice, the run's `petsr_jax.task.Task`: degrade
+(bicubic ×scale in the run's domain, or a scanner's PSF and noise), then the network (with
+neighbouring slices and an MR-guided model's guidance channels beside the degraded PET), then
+the task's last step (activity kept).
 """
 
 from __future__ import annotations
@@ -23,21 +25,20 @@ import jax
 import numpy as np
 
 from petsr_jax import data, sharding
-from petsr_jax.data import mr
-from petsr_jax.data.degrade import degrade
+from petsr_jax.task import Task
 
 
-def make_predict_fn(model, scale: int, domain: str = "physical"):
-    """`predict(params, hr) -> (lr_up, sr)` for NHWC slices in `domain` (not jitted).
+def make_predict_fn(model, task: Task):
+    """`predict(params, hr) -> (lr_up, sr, target)` for NHWC slices in the task's domain (not
+    jitted): the network's input (its centre slice), its output and what it is scored against.
 
-    `hr` is the slices, or a batch dict holding them as `"hr"` and, for an MR-guided model, the
-    guidance channels as `"guide"` (`petsr_jax.data.mr`); other keys are ignored.
+    `hr` is the slices, or a batch dict holding them as `"hr"` and, where the task needs them,
+    the neighbouring slices as `"context"` and an MR-guided model's channels as `"guide"`.
     """
 
     def predict(params, hr):
         batch = hr if isinstance(hr, Mapping) else {"hr": hr}
-        lr_up = degrade(batch["hr"], scale, domain)
-        return lr_up, model.apply({"params": params}, mr.network_input(lr_up, batch))
+        return task.predict(model, params, batch)
 
     return predict
 
@@ -111,24 +112,26 @@ def jit_on_mesh(fn: Callable, mesh):
 
 
 @functools.lru_cache(maxsize=16)
-def jitted_predict(model, scale: int, mesh, domain: str = "physical"):
-    """`make_predict_fn` jitted on `mesh`, compiled once per (model, scale, mesh, domain)."""
-    return jit_on_mesh(make_predict_fn(model, scale, domain), mesh)
+def jitted_predict(model, task: Task, mesh):
+    """`make_predict_fn` jitted on `mesh`, compiled once per (model, task, mesh)."""
+    return jit_on_mesh(make_predict_fn(model, task), mesh)
 
 
 def predict_slices(
-    params, hr: np.ndarray, *, model, scale: int, mesh, domain="physical", batch_size=8, guide=None
+    params, hr: np.ndarray, *, model, task: Task, mesh, batch_size=8, guide=None, context=None
 ):
-    """(lr_up, sr) as numpy `[N, H, W]` for `[N, H, W]` slices, in the units of `hr`: the
-    network runs in `domain` (`data.to_domain`) and its images are mapped back per slice.
-    `guide` is an MR-guided model's `[N, H, W, C]` guidance channels of the same slices."""
-    encoded, low, span = data.to_domain(hr, domain)
-    inputs = encoded[..., None] if guide is None else {"hr": encoded[..., None], "guide": guide}
-    lr_up, sr = map_batches(
-        jitted_predict(model, scale, mesh, domain),
-        params,
-        inputs,
-        batch_size=batch_size,
-        mesh=mesh,
+    """(lr_up, sr, target) as numpy `[N, H, W]` for `[N, H, W]` slices, in the units of `hr`:
+    the network runs in the task's domain (`data.to_domain`) and its images are mapped back per
+    slice. `guide` is an MR-guided model's `[N, H, W, C]` guidance channels of the same slices,
+    `context` their `[N, H, W, 2n]` neighbours (`data.context_slices`) when the task needs them.
+    """
+    encoded, low, span = data.to_domain(hr, task.degradation.domain)
+    inputs = {"hr": encoded[..., None], "index": np.arange(len(encoded), dtype=np.int32)}
+    if guide is not None:
+        inputs["guide"] = guide
+    if context is not None:
+        inputs["context"] = context
+    images = map_batches(
+        jitted_predict(model, task, mesh), params, inputs, batch_size=batch_size, mesh=mesh
     )
-    return tuple(data.from_domain(image[..., 0], low, span) for image in (lr_up, sr))
+    return tuple(data.from_domain(image[..., 0], low, span) for image in images)

@@ -108,11 +108,9 @@ def regional_recovery(
     patient_ids,
     *,
     model,
-    scale: int,
+    task,
     mesh,
     batch_size: int = 8,
-    domain: str = "physical",
-    guidance: tuple[str, ...] = (),
 ) -> dict:
     """Bicubic and SR activity in grey matter and lesions against the original, physical units.
 
@@ -141,15 +139,15 @@ def regional_recovery(
             continue
         # Normalised by the whole volume's maximum, as in training, whichever slices are kept.
         hr, factor = data.normalise(scan.volume.data)
-        lr_up, sr = predict_slices(
+        lr_up, sr, _ = predict_slices(
             params,
             hr[keep],
             model=model,
-            scale=scale,
+            task=task,
             mesh=mesh,
             batch_size=batch_size,
-            domain=domain,
-            guide=_guide(scan, keep, guidance),
+            guide=_guide(scan, keep, task.guidance),
+            context=(data.context_slices(hr, keep, task.neighbours) if task.neighbours else None),
         )
         rows += region_rows(
             scan.volume.data[keep],

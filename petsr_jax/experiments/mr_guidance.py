@@ -146,11 +146,9 @@ def add_regional(run: dict, resolver, root: Path) -> None:
         root,
         run["split"]["test"],
         model=resolver.model,
-        scale=resolver.scale,
+        task=resolver.task,
         mesh=sharding.make_mesh(jax.local_devices()),
         batch_size=resolver.batch_size,
-        domain=resolver.domain,
-        guidance=resolver.guidance,
     )
     run["results"]["regional"] = recovery if recovery["rows"] else None
 

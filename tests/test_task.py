@@ -1,0 +1,175 @@
+"""The task object: degradations against scipy, activity kept, 2.5D context, one end-to-end run."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from petsr_jax import data
+from petsr_jax.config import ConfigError, build_config, validate
+from petsr_jax.data.degrade import degrade
+from petsr_jax.task import Bicubic, Scanner, Task, blur, conserve_activity, sigma_of
+
+
+def _scanner(**changes):
+    fields = dict(
+        fwhm_min_mm=4.0,
+        fwhm_max_mm=4.0,
+        target_ratio=0.5,
+        noise_min=0.0,
+        noise_max=0.0,
+        noise_fwhm_px=1.5,
+        pixel_mm=2.0,
+        slice_mm=2.5,
+    )
+    return Scanner(**{**fields, **changes})
+
+
+def test_blur_equals_scipy_gaussian_filter_in_3d():
+    rng = np.random.default_rng(0)
+    stack = rng.random((2, 20, 24, 9)).astype(np.float32)
+    sigma_xy, sigma_z = np.array([1.3, 0.7]), np.array([0.9, 1.6])
+    out = np.asarray(blur(jnp.asarray(stack), sigma_xy, sigma_z, out_slices=3))
+    for n in range(2):
+        want = ndi.gaussian_filter(
+            stack[n], (sigma_xy[n], sigma_xy[n], sigma_z[n]), mode="constant", truncate=12
+        )
+        np.testing.assert_allclose(out[n], want[..., 3:6], atol=2e-5)
+
+
+def test_scanner_pair_blurs_input_and_target_by_their_fwhm_in_voxels():
+    scanner = _scanner()
+    stack = np.zeros((1, 33, 33, 2 * scanner.margin + 3), np.float32)
+    stack[0, 16, 16, stack.shape[-1] // 2] = 1.0  # a point source in the centre slice
+    lr, target, fwhm_px = scanner.pair(
+        jnp.asarray(stack), jax.random.split(jax.random.key(0), 1), 3
+    )
+    assert float(fwhm_px[0]) == pytest.approx(4.0 / 2.0)
+    sigma = sigma_of(4.0)
+    want = ndi.gaussian_filter(
+        stack[0], (sigma / 2.0, sigma / 2.0, sigma / 2.5), mode="constant", truncate=12
+    )
+    centre = stack.shape[-1] // 2
+    np.testing.assert_allclose(np.asarray(lr)[0], want[..., centre - 1 : centre + 2], atol=1e-6)
+    want_target = ndi.gaussian_filter(
+        stack[0], (sigma / 4.0, sigma / 4.0, sigma / 5.0), mode="constant", truncate=12
+    )
+    np.testing.assert_allclose(np.asarray(target)[0, ..., 0], want_target[..., centre], atol=1e-5)
+
+
+def test_scanner_noise_has_the_asked_voxel_cov_on_a_uniform_region():
+    scanner = _scanner(noise_min=0.3, noise_max=0.3)
+    stack = jnp.ones((4, 96, 96, 2 * scanner.margin + 1), jnp.float32)
+    lr, _, _ = scanner.pair(stack, jax.random.split(jax.random.key(1), 4), 1)
+    inner = np.asarray(lr)[:, 16:-16, 16:-16, 0]
+    blurred = np.asarray(blur(stack, jnp.full(4, sigma_of(4.0) / 2.0)))[:, 16:-16, 16:-16, 0]
+    cov = np.std(inner - blurred) / np.mean(blurred)
+    assert cov == pytest.approx(0.3, rel=0.08)
+    # Correlated like reconstruction noise: neighbouring voxels are not independent.
+    noise = inner - blurred
+    corr = np.corrcoef(noise[:, :, :-1].ravel(), noise[:, :, 1:].ravel())[0, 1]
+    assert corr > 0.3
+
+
+def test_conserve_activity_keeps_block_sums_and_empties_the_air():
+    rng = np.random.default_rng(2)
+    sr = rng.normal(0.5, 0.5, (3, 21, 18, 1)).astype(np.float32)
+    reference = rng.random((3, 21, 18, 1)).astype(np.float32)
+    reference[:, :8, :8] = 0.0  # air: two whole 4×4 blocks and more
+    out = np.asarray(conserve_activity(jnp.asarray(sr), jnp.asarray(reference), 4))
+    assert out.min() >= 0
+    assert np.all(out[:, :8, :8] == 0)
+    pad = ((0, 0), (0, 3), (0, 2), (0, 0))
+    sums = lambda x: np.pad(x, pad).reshape(3, 6, 4, 5, 4).sum(axis=(2, 4))  # noqa: E731
+    np.testing.assert_allclose(sums(out), sums(reference), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.sum(), reference.sum(), rtol=1e-6)
+
+
+def test_context_slices_reflect_at_the_volume_edges_as_numpy_pad():
+    volume = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    context = data.context_slices(volume, np.arange(5), 2)
+    padded = np.pad(volume, ((2, 2), (0, 0), (0, 0)), mode="reflect")
+    for k in range(5):
+        want = [padded[k + 2 + o] for o in (-2, -1, 1, 2)]
+        np.testing.assert_array_equal(np.moveaxis(context[k], -1, 0), want)
+    one = data.context_slices(volume[:1], np.arange(1), 1)
+    np.testing.assert_array_equal(one[0, ..., 0], volume[0])
+
+
+class _FirstChannels:
+    """A stand-in network that returns its input channels: shows what the task feeds it."""
+
+    def apply(self, variables, x):
+        return x
+
+
+def test_network_input_is_centre_then_neighbours_then_fwhm():
+    task = Task(_scanner(noise_max=0.0), context=1)
+    assert task.input_channels == 4
+    hr = np.random.default_rng(3).random((2, 16, 16, 1)).astype(np.float32)
+    context = np.random.default_rng(4).random((2, 16, 16, 2 * task.neighbours)).astype(np.float32)
+    batch = {"hr": hr, "context": context}
+    x = np.asarray(task.enhance(_FirstChannels(), None, batch, fwhm_px=3.0))
+    # The activity projection of a non-negative centre on itself changes nothing.
+    np.testing.assert_allclose(x[..., 0], hr[..., 0], rtol=1e-5)
+    lr, _, fwhm = task.degrade(batch)
+    raw = task._network_input(lr, batch, fwhm)
+    np.testing.assert_allclose(raw[..., 0], lr[..., 1])  # centre first
+    np.testing.assert_allclose(raw[..., 1], lr[..., 0])
+    np.testing.assert_allclose(raw[..., 3], 2.0 / 4.0)  # 4 mm over 2 mm pixels, / 4
+
+
+def test_bicubic_task_is_the_papers_degradation_and_target():
+    hr = jnp.asarray(np.random.default_rng(5).random((2, 32, 32, 1)), jnp.float32)
+    lr, sr, target = Task(Bicubic(8)).predict(_FirstChannels(), None, {"hr": hr})
+    np.testing.assert_array_equal(np.asarray(lr), np.asarray(degrade(hr, 8)))
+    np.testing.assert_array_equal(np.asarray(sr), np.asarray(lr))
+    np.testing.assert_array_equal(np.asarray(target), np.asarray(hr))
+
+
+def test_config_refuses_tasks_the_paper_domain_cannot_carry():
+    config = build_config("deepsr", "tiny,paper")
+    with config.unlocked():
+        config.task.consistency = "block"
+    with pytest.raises(ConfigError, match="data.domain=paper"):
+        validate(config)
+    config = build_config("deepsr", "tiny,scanner,model.in_channels=2")
+    with pytest.raises(ConfigError, match="set model.in_channels=4"):
+        validate(config)
+
+
+@pytest.fixture(scope="module")
+def scanner_run(tmp_path_factory):
+    """A few steps of a tiny scanner-task DeepSR on 3 random shape phantoms."""
+    from absl import flags
+
+    from petsr_jax.train import train_and_evaluate
+
+    flags.FLAGS.mark_as_parsed()
+    workdir = tmp_path_factory.mktemp("scanner") / "run"
+    config = build_config("deepsr", "tiny,scanner,scanner.phantoms=3")
+    results = train_and_evaluate(config, workdir, progress=False)
+    return workdir, results
+
+
+def test_scanner_run_trains_scores_and_enhances_keeping_activity(scanner_run):
+    import petsr_jax
+    from petsr_jax.sim import phantoms
+
+    workdir, results = scanner_run
+    assert results["test"]["num_slices"] == phantoms.DEPTH
+    assert np.isfinite(results["test"]["sr"]["psnr"])
+    sr = petsr_jax.load(workdir)
+    assert sr.task.context == 1 and sr.task.degradation.pixel_mm == phantoms.PIXEL_MM
+    volume = phantoms.phantom_volume(7, seed=5)
+    enhanced = sr(volume, psf_fwhm_mm=4.5)
+    assert enhanced.data.shape == volume.data.shape and enhanced.data.min() >= 0
+    assert enhanced.data.sum() == pytest.approx(volume.data.sum(), rel=1e-4)
+    # The air stays empty: every 4×4 block of pixels lies within 8 px of its own pixels.
+    air = ndi.maximum_filter(volume.data, size=(1, 17, 17)) == 0
+    assert air.any() and np.all(enhanced.data[air] == 0)
+    with pytest.warns(UserWarning, match="nominal_fwhm_mm"):
+        sr(volume)
