@@ -1,13 +1,14 @@
 """Throughput of the train step, inference, whole-volume inference and the data loader.
 
-Flags and JSON keys match `../shared/bench/torch_reference.py`, so the two run side by side:
+Examples, one per use:
 
   python launch/benchmark.py --model=deepsr --size=96 --batch=4 --mode=train
-  python ../shared/bench/torch_reference.py --model=deepsr --size=96 --batch=4 --mode=train
   python launch/benchmark.py --model=deepsr --size=384 --batch=1 --mode=infer --json
   python launch/benchmark.py --mode=volume --size=384 --batch=4 --slices=89
   python launch/benchmark.py --mode=loader --size=384 --batch=16 --crop=96 --workers=2
   python launch/benchmark.py --mode=train --precision=bf16 --remat     # on a GPU
+
+Flags and JSON keys match `../shared/bench/torch_reference.py`, so the two run side by side.
 
 FLOPs count 2 per multiply-add of every forward convolution, 3× that for a train step. MFU is
 reported against the device's dense peak where it is known (GPUs), "n/a" on CPUs.
@@ -21,7 +22,7 @@ import json  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from petsr_jax import benchmark  # noqa: E402
+from petsr_jax import benchmark, cli  # noqa: E402
 
 _MODEL = flags.DEFINE_enum("model", "deepsr", ["srcnn", "deepsr"], "Network.")
 _BLOCKS = flags.DEFINE_integer("blocks", 20, "DeepSR residual blocks.")
@@ -97,4 +98,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(
+        main,
+        usage="[--model=deepsr|srcnn] [--mode=train|infer|volume|loader] [--size=N] [--batch=N]",
+        example="python launch/benchmark.py --model=deepsr --size=96 --batch=4 --mode=train",
+    )

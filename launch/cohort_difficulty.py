@@ -1,8 +1,10 @@
 """How hard a cohort is for bicubic interpolation, measured the way the paper's authors did.
 
-python launch/cohort_difficulty.py --preset=paper                  # the embedded cohort
-python launch/cohort_difficulty.py --preset=paper --patients=5     # a quick subset
-python launch/cohort_difficulty.py --root=/data/my_pet --scales=8,12,16
+Examples, one per use:
+
+  python launch/cohort_difficulty.py --preset=paper                  # the embedded cohort
+  python launch/cohort_difficulty.py --preset=paper --patients=5     # a quick subset
+  python launch/cohort_difficulty.py --root=/data/my_pet --scales=8,12,16
 
 Why. The paper's bicubic rows (Tables 1–3: 30.53 / 25.97 / 22.80 dB PSNR, SSIM 0.889 / 0.796 /
 0.699 at 8× / 12× / 16×) describe its data, not a method: they say how much fine structure and
@@ -162,11 +164,17 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
+
+    from petsr_jax import cli
 
     _ROOT = flags.DEFINE_string("root", None, "Data root (default: the embedded --preset cohort).")
     _PRESET = flags.DEFINE_string("preset", "paper", "Embedded cohort preset (without --root).")
     _SEED = flags.DEFINE_integer("seed", 0, "Embedded cohort seed (without --root).")
     _SCALES = flags.DEFINE_list("scales", ["8", "12", "16"], "Downscaling factors.")
     _PATIENTS = flags.DEFINE_integer("patients", None, "Measure only the first N patients.")
-    app.run(main)
+    cli.run(
+        main,
+        usage="[--preset=paper|small|tiny | --root=<data root>] [--scales=8,12,16]",
+        example="python launch/cohort_difficulty.py --preset=paper --patients=5",
+    )

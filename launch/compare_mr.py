@@ -1,9 +1,10 @@
 """PET-only against MR-guided: the side-by-side table and the lesion figure of two finished runs.
 
-python launch/main.py --config=configs/deepsr.py:scale=8,quick
-python launch/main.py --config=configs/deepsr.py:scale=8,quick,mr
-python launch/compare_mr.py --pet_only=runs/deepsr_x8_small --mr=runs/deepsr_x8_small_mr \
-    --out=reports/mr
+Example, after training the two quick runs:
+
+  python launch/main.py --config=configs/deepsr.py:scale=8,quick
+  python launch/main.py --config=configs/deepsr.py:scale=8,quick,mr
+  python launch/compare_mr.py --pet_only=runs/deepsr_x8_small_b6 --mr=runs/deepsr_x8_small_b6_mr
 
 Writes `mr_comparison.md` (PSNR / SSIM whole and brain, grey-matter and lesion activity errors
 of bicubic, PET-only and MR-guided), `mr_comparison.json` and `mr_comparison.png` (test slices
@@ -16,9 +17,9 @@ cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags (no-op on GPUs
 
 import sys  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from petsr_jax import checkpoint, data, inference  # noqa: E402
+from petsr_jax import checkpoint, cli, data, inference  # noqa: E402
 from petsr_jax.experiments import mr_guidance  # noqa: E402
 
 _PET_ONLY = flags.DEFINE_string("pet_only", None, "Workdir of the PET-only run.")
@@ -29,7 +30,6 @@ _OUT = flags.DEFINE_string("out", "reports/mr", "Folder for the table, JSON and 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.set_verbosity(logging.WARNING)
     try:
         print(mr_guidance.compare_workdirs(_PET_ONLY.value, _MR.value, _OUT.value))
     except (
@@ -44,5 +44,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["pet_only", "mr"])
-    app.run(main)
+    cli.run(
+        main,
+        usage="--pet_only=<workdir> --mr=<workdir of the mr variant> [--out=<folder>]",
+        example=(
+            "python launch/compare_mr.py --pet_only=runs/deepsr_x8_small_b6 "
+            "--mr=runs/deepsr_x8_small_b6_mr"
+        ),
+        required=["pet_only", "mr"],
+    )

@@ -1,24 +1,33 @@
 """Apply a trained model to scans and write the results as new DICOM series and/or NIfTI files.
 
-python launch/enhance.py --workdir=runs/deepsr_x8 --input=scan_dicom/ --output=enhanced/
-python launch/enhance.py --workdir=runs/deepsr_x8 --input=patients/ --output=out/ \
-    --mode=reconstruct --format=both
-python launch/enhance.py --workdir=runs/deepsr_x8_mr --input=pet/ --mr=t1.nii.gz --output=out/
+Examples, one per use (the workdir is the README's quick run; a folder of patients or one scan):
+
+  python launch/enhance.py --workdir=runs/deepsr_x8_small_b6 --input=scan_dicom/ --output=sr/
+  python launch/enhance.py --workdir=runs/deepsr_x8_small_b6 --input=scan.nii.gz --output=sr/
+  python launch/enhance.py --workdir=runs/deepsr_x8_small_b6 --input=scan/ --output=sr/ --resample
+  python launch/enhance.py --workdir=runs/deepsr_x8_small_b6 --input=patients/ --output=sr/
+  python launch/enhance.py --workdir=runs/deepsr_x8_small_b6 --input=scan/ --output=rec/ \
+--mode=reconstruct
+  python launch/enhance.py --workdir=runs/deepsr_x8_small_b6_mr --input=pet/ --mr=t1.nii.gz \
+--output=sr/
 
 --input is a DICOM series folder, a NIfTI file, or a folder of patients (one DICOM folder or
 NIfTI file each, as a data root). Each patient gets `<output>/<name>/` (DICOM) and/or
 `<output>/<name>.nii.gz`, in the input's physical units and geometry. --mode=enhance applies the
 network to the scan as it is; --mode=reconstruct degrades it by the model's scale first and
-prints PSNR / SSIM of bicubic and SR against the original. Everything that would be refused (an
-output inside the input, an existing output, an input of another quantity than the training data) is
-refused before the first file is written. A scan in other units than the training data is
-enhanced when the two differ by a constant factor (SUVbw vs Bq/mL: normalisation removes it),
-with a warning; another modality or quantity (a parametric map...) is refused unless
---allow_units. Outputs hold no negative activity (clipped at 0), and each scan's change of total
-and maximum activity against its input is printed and recorded in
-`<output>/activity_changes.json`. A model trained with MR guidance (the `mr` config
-flag) needs --mr, the scan's co-registered T1 (a DICOM series folder or NIfTI file on the PET's
-grid); any other model refuses --mr.
+prints PSNR / SSIM of bicubic and SR against the original, with a warning where the model scores
+below bicubic. --resample enhances each scan at the training data's pixel spacing
+(`data_info.json`) and resamples the result back, so the output stays on the input's grid.
+
+Everything that would be refused (an output inside the input, an existing output, an input of
+another quantity than the training data) is refused before the first file is written. A scan in
+other units than the training data is enhanced when the two differ by a constant factor (SUVbw vs
+Bq/mL: normalisation removes it), with a warning; another modality or quantity (a parametric
+map...) is refused unless --allow_units. Outputs hold no negative activity (clipped at 0); each
+scan's change of total and maximum activity against its input is printed and recorded in
+`<output>/activity_changes.json`, with a warning when it is large enough to shift quantitation.
+A model trained with MR guidance (the `mr` config variant) needs --mr, the scan's co-registered
+T1 (a DICOM series folder or NIfTI file on the PET's grid); any other model refuses --mr.
 """
 
 from petsr_jax import cpu
@@ -31,9 +40,14 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from petsr_jax import checkpoint, data, inference, io, metrics, quantitation  # noqa: E402
+from petsr_jax import checkpoint, cli, data, inference, io, metrics, quantitation  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "A training run's folder (config.json + checkpoints), e.g. runs/deepsr_x8_small_b6, which "
+    "the README's quick command trains.",
+)
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder, NIfTI file or patients folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder that receives one output per patient.")
 _MODE = flags.DEFINE_enum(
@@ -57,6 +71,22 @@ _ALLOW_UNITS = flags.DEFINE_bool(
     "Enhance a scan whose modality or units hold another quantity than the training data's "
     "(e.g. a parametric map), which is refused otherwise. A change of unit (SUVbw, kBq/mL) "
     "never needs it.",
+)
+_RESAMPLE = flags.DEFINE_bool(
+    "resample",
+    False,
+    "Resample each scan to the training data's pixel spacing (the workdir's data_info.json) "
+    "before enhancing it, and the result back onto the scan's grid: the output is on the "
+    "input's grid. Without it, a scan whose pixels differ from the training data's by more than "
+    "10 percent is enhanced as it is, with a warning.",
+)
+_PSF_FWHM_MM = flags.DEFINE_float(
+    "psf_fwhm_mm",
+    None,
+    "The scans' resolution: the PSF FWHM in mm of the scanner and reconstruction (e.g. from a "
+    "NEMA measurement, launch/nema.py). A model trained with the scanner variant is told it; "
+    "without it, the config's scanner.nominal_fwhm_mm is assumed, with a warning. Other models "
+    "ignore it.",
 )
 _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint",
@@ -85,10 +115,12 @@ def reconstruction_scores(hr, bicubic, sr) -> dict[str, float]:
 
 
 def _format_scores(name: str, scores: dict) -> str:
+    """One table row: PSNR in dB with 2 decimals and SSIM with 3, as in results.md."""
     cells = [f"{name:<24} {scores['slices']:>6}"]
     for key in ("bicubic/psnr", "sr/psnr", "bicubic/ssim", "sr/ssim"):
         value = scores.get(key)
-        cells.append(f"{value:>12.4f}" if value is not None else f"{'n/a':>12}")
+        digits = 2 if key.endswith("psnr") else 3
+        cells.append(f"{value:>12.{digits}f}" if value is not None else f"{'n/a':>12}")
     return " ".join(cells)
 
 
@@ -103,13 +135,20 @@ def _pooled(all_scores: list[tuple[str, dict]]) -> dict:
     return pooled
 
 
-def _enhance_one(sr, volume, mode: str, progress, t1=None) -> tuple[io.Volume, dict | None]:
+def _enhance_one(
+    sr, volume, mode: str, progress, t1=None, psf_fwhm_mm=None
+) -> tuple[io.Volume, dict | None]:
     """The output volume of one patient and, in reconstruct mode, its scores."""
     # The network's range, as training saw it: the volume divided by its maximum.
     normalised, factor = data.normalise(volume.data)
     guide = sr.guide_for(t1, volume)
     if mode == "enhance":
-        restored = sr.enhance_normalised(normalised, progress=progress, guide=guide)
+        restored = sr.enhance_normalised(
+            normalised,
+            progress=progress,
+            guide=guide,
+            fwhm_px=sr.fwhm_pixels(volume, psf_fwhm_mm),
+        )
         scores = None
     else:
         bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress, guide=guide)
@@ -133,7 +172,8 @@ def _write(job, volume, description: str) -> list[str]:
 
 def _report_activity(name: str, source, result, output_dir) -> None:
     """Print how enhancement changed the scan's total and maximum activity, and record it in
-    `<output>/activity_changes.json` (updated after each scan, so it matches what is on disk)."""
+    `<output>/activity_changes.json` (updated after each scan, so it matches what is on disk);
+    a change large enough to shift quantitation is a warning of its own."""
     change = quantitation.activity_change(
         source.data,
         result.data,
@@ -142,6 +182,77 @@ def _report_activity(name: str, source, result, output_dir) -> None:
     )
     path = quantitation.record_changes(output_dir, {name: change})
     tqdm.write(f"{name}: activity vs input: {change.summary()} (recorded in {path})")
+    for problem in inference.activity_warnings(change):
+        cli.warning(f"{name}: {problem}")
+
+
+def _unrecorded(error, name: str, written: list[str], jobs, output_dir) -> str:
+    """The one-line error for a scan whose activity record cannot be written: its outputs are
+    withdrawn, so every output in the folder has its record, or named when that fails too."""
+    left = io.files.withdraw(written)
+    names = [job.name for job in jobs]
+    after = len(names) - names.index(name) - 1
+    rest = f"{name}{f' and the {after} scan(s) after it' if after else ''}"
+    if left:
+        done = (
+            f"{', '.join(map(str, left))} could not be removed and has no activity record: "
+            "delete it, "
+        )
+    else:
+        done = f"{name}'s outputs were removed again, so every output there has its record; "
+    return (
+        f"{error}. {done}make {output_dir} writable, then enhance {rest} again, or every scan "
+        "into a new --output"
+    )
+
+
+def _training_spacing(sr) -> tuple[float, float]:
+    """The training data's in-plane pixel spacing, which --resample resamples scans to."""
+    spacing = (sr.data_info or {}).get("pixel_spacing_mm")
+    if not spacing:
+        raise inference.InferenceError(
+            f"{sr.workdir}/data_info.json does not record the training data's pixel spacing "
+            "(pixel_spacing_mm), which --resample resamples each scan to; enhance without "
+            "--resample, or resample the scans yourself first (petsr_jax.io.resample)"
+        )
+    return float(spacing[0]), float(spacing[1])
+
+
+def _pixels(volume) -> str:
+    """`4.07 × 4.07 mm pixels (89 × 89)` for a message."""
+    _, rows, columns = volume.shape
+    return f"{volume.spacing[1]:.3g} × {volume.spacing[2]:.3g} mm pixels ({rows} × {columns})"
+
+
+def _for_model(volume, spacing, t1=None) -> tuple[io.Volume, io.Volume | None]:
+    """`volume` (and its T1) at the training pixel spacing (--resample), or as they are:
+    without --resample, or when the pixels are already within 1 percent of the training data's.
+    """
+    if spacing is None:
+        return volume, t1
+    if all(abs(s / t - 1) <= 0.01 for s, t in zip(volume.spacing[1:], spacing, strict=True)):
+        return volume, t1
+    model_input = io.resample(volume, spacing)
+    return model_input, None if t1 is None else io.resample(t1, like=model_input)
+
+
+def _resampling_note(name: str, volume, model_input, mode: str) -> str:
+    """What --resample did to one scan, in one line."""
+    if model_input is volume:
+        return f"{name}: already at the training data's pixel spacing; not resampled"
+    scored = "; scores at the training spacing" if mode == "reconstruct" else ""
+    return (
+        f"{name}: resampled {_pixels(volume)} to the training data's {_pixels(model_input)}, "
+        f"{mode}d there, and resampled back onto the input's grid{scored}"
+    )
+
+
+def _on_input_grid(result, volume) -> io.Volume:
+    """The output of a resampled scan on the input's grid, with the input's headers and meta."""
+    back = io.resample(result, like=volume)
+    activity, clipped = quantitation.clip_negative(back.data)
+    clipped += int(result.meta.get("clipped_voxels", 0))
+    return volume.replace(data=activity, meta={**volume.meta, "clipped_voxels": clipped})
 
 
 def _read_t1(mr_path, jobs) -> io.Volume | None:
@@ -167,30 +278,48 @@ def run(
     which,
     mr_path=None,
     allow_units=False,
+    resample=False,
+    psf_fwhm_mm=None,
 ) -> int:
     """Enhance every patient of `input_path`; print what was written (and scores)."""
     jobs = inference.plan_outputs(input_path, output_dir, output_format)
     sr = inference.load(workdir, which=which, batch_size=batch_size or None)
     t1 = _read_t1(mr_path, jobs)
+    spacing = _training_spacing(sr) if resample else None
     # Every scan is read and checked before the first output is written, so an input the model
     # does not fit leaves nothing behind. Only a single scan is kept between the two passes.
     kept = None
     for job in jobs:
         volume = io.read_volume(job.source)
-        checked = sr.check_input(volume, str(job.source), mr=t1, check_units=not allow_units)
+        model_input, guide = _for_model(volume, spacing, t1)
+        checked = sr.check_input(
+            model_input, str(job.source), mr=guide, check_units=not allow_units
+        )
         for problem in checked:
             logging.warning("%s", problem)
-        kept = volume if len(jobs) == 1 else None
+        kept = (volume, model_input, guide) if len(jobs) == 1 else None
     description = sr.describe(mode)
     print(f"{sr!r}: {mode} {len(jobs)} scan(s) → {output_dir} ({description!r})")
     all_scores = []
     for job in tqdm(jobs, unit="patient", desc=mode, disable=len(jobs) == 1):
-        volume = kept if kept is not None else io.read_volume(job.source)
-        with tqdm(total=volume.shape[0], unit="slice", desc=job.name, leave=False) as bar:
-            result, scores = _enhance_one(sr, volume, mode, bar.update, t1)
-        for path in _write(job, result, description):
+        if kept is not None:
+            volume, model_input, guide = kept
+        else:
+            volume = io.read_volume(job.source)
+            model_input, guide = _for_model(volume, spacing, t1)
+        with tqdm(total=model_input.shape[0], unit="slice", desc=job.name, leave=False) as bar:
+            result, scores = _enhance_one(sr, model_input, mode, bar.update, guide, psf_fwhm_mm)
+        if resample:
+            tqdm.write(_resampling_note(job.name, volume, model_input, mode))
+            if model_input is not volume:
+                result = _on_input_grid(result, volume)
+        written = _write(job, result, description)
+        for path in written:
             tqdm.write(f"{job.name}: wrote {path}")
-        _report_activity(job.name, volume, result, output_dir)
+        try:
+            _report_activity(job.name, volume, result, output_dir)
+        except io.ScanError as error:
+            raise io.ScanError(_unrecorded(error, job.name, written, jobs, output_dir)) from None
         if scores is not None:
             all_scores.append((job.name, scores))
     if all_scores:
@@ -204,15 +333,16 @@ def run(
             print(_format_scores(name, scores))
         if len(all_scores) > 1:
             print(_format_scores("all (slice-weighted)", _pooled(all_scores)))
+        sys.stdout.flush()  # the table first, then the warnings about it on stderr
+        for name, scores in all_scores:
+            for problem in inference.score_warnings(scores):
+                cli.warning(f"{name}: {problem}")
     return 0
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax logs each step of a restore at INFO, burying the progress bars and the scores.
-        logging.set_verbosity(logging.WARNING)
     try:
         return run(
             _WORKDIR.value,
@@ -224,17 +354,27 @@ def main(argv):
             which=_CHECKPOINT.value,
             mr_path=_MR.value,
             allow_units=_ALLOW_UNITS.value,
+            resample=_RESAMPLE.value,
+            psf_fwhm_mm=_PSF_FWHM_MM.value,
         )
     except (
         inference.InferenceError,
         io.ScanError,
         data.DataError,
         checkpoint.CheckpointError,
+        OSError,
     ) as error:
         print(f"enhance.py: error: {error}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["workdir", "input", "output"])
-    app.run(main)
+    cli.run(
+        main,
+        usage="--workdir=<training run> --input=<scan or patients folder> --output=<folder>",
+        example=(
+            "python launch/enhance.py --workdir=runs/deepsr_x8_small_b6 --input=scan_dicom/ "
+            "--output=enhanced/"
+        ),
+        required=["workdir", "input", "output"],
+    )

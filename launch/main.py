@@ -1,14 +1,20 @@
 """Train and evaluate one model: flags → validate → `train_and_evaluate(config, workdir)`.
 
-python launch/main.py --config=configs/deepsr.py:scale=8
-python launch/main.py --config=configs/srcnn.py:scale=8,quick --workdir=runs/srcnn_quick
+Examples, one per use:
 
-Several processes (hosts, or one process per GPU) run the same command; JAX's runtime starts
-from a SLURM `srun` or Open MPI job step by itself, or from explicit flags on every process:
+  python launch/main.py --config=configs/deepsr.py:scale=8,quick     # a 2-core CPU: minutes
+  python launch/main.py --config=configs/deepsr.py:scale=8,gpu       # the full DeepSR, one GPU
+  python launch/main.py --config=configs/srcnn.py:scale=16,gpu       # the other network, 16x
+  python launch/main.py --config=configs/deepsr.py:scale=8,quick,mr  # PET and T1 in, MR-guided
+  python launch/main.py --config=configs/deepsr.py:scale=8,quick,lr=3e-4  # override a field
+  python launch/main.py --config=configs/deepsr.py:scale=8 --config.data.root=/data/my_pet
+  python launch/main.py --config=configs/srcnn.py:scale=8,quick --workdir=runs/srcnn_quick
 
-python launch/main.py --config=configs/deepsr.py:scale=8 --workdir=/shared/runs/deepsr \
-    --config.distributed.coordinator_address=host0:12345 \
-    --config.distributed.num_processes=2 --config.distributed.process_id=0   # 1 on host1
+The workdir (default runs/<model>_x<scale>[_<cohort>][_b<blocks>][_<domain>][_mr]) receives the
+checkpoints, results and figures; rerunning the same command resumes an interrupted run. Several
+processes (hosts, or one process per GPU) run the same command: JAX's runtime starts from a SLURM
+`srun` or Open MPI job step by itself, or from --config.distributed.coordinator_address=host0:1234,
+--config.distributed.num_processes=<N> and --config.distributed.process_id=<0..N-1> on every host.
 
 A bad config, data root, workdir or checkpoint ends with one line naming the problem and exit
 status 2; a run whose loss diverges exits with status 3 and keeps its last good checkpoint.
@@ -24,13 +30,17 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import checkpoint, data, distributed, io, train  # noqa: E402
+from petsr_jax import checkpoint, cli, data, distributed, io, train  # noqa: E402
 from petsr_jax import workdir as workdir_lib  # noqa: E402
-from petsr_jax.config import ConfigError, parse_flags, validate  # noqa: E402
+from petsr_jax.config import ConfigError, validate  # noqa: E402
 from petsr_jax.evaluation import report  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file and its arg.", lock_config=True
+    "config",
+    None,
+    "configs/<model>.py:<variants>[,<field>=<value>...], e.g. configs/deepsr.py:scale=8,quick; "
+    "the variants are listed above.",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir",
@@ -71,8 +81,6 @@ def run(config, workdir: str | None) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO, burying the bar
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except USER_ERRORS as error:
@@ -85,5 +93,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main, flags_parser=parse_flags)
+    cli.run(
+        main,
+        usage="--config=configs/<model>.py:<variants>[,<field>=<value>] [--workdir=<dir>]",
+        example="python launch/main.py --config=configs/deepsr.py:scale=8,quick",
+        required=["config"],
+    )

@@ -1,7 +1,10 @@
 """Write the embedded synthetic FDG-PET cohort to disk and a montage PNG to look at.
 
-python launch/make_cohort.py --preset=paper
-python launch/make_cohort.py --preset=small --root=/data/cohort-small --montage=small.png
+Examples, one per use:
+
+  python launch/make_cohort.py --preset=paper     # 33 patients × 89 slices of 384² (the paper's)
+  python launch/make_cohort.py --preset=small     # 12 × 40 slices of 128², what `quick` trains on
+  python launch/make_cohort.py --preset=small --root=/data/cohort-small --montage=small.png
 
 Training generates the cohort on first use anyway; this entry point does it ahead of time, with
 a progress bar, and shows what was made. An existing finished root is reused, not rewritten.
@@ -10,9 +13,9 @@ a progress bar, and shows what was made. An existing finished root is reused, no
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
-from petsr_jax import sim
+from petsr_jax import cli, sim
 
 _PRESET = flags.DEFINE_enum("preset", "paper", sorted(sim.PRESETS), "Cohort size preset.")
 _ROOT = flags.DEFINE_string(
@@ -53,4 +56,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(
+        main,
+        usage="[--preset=paper|small|tiny] [--root=<folder>] [--montage=<png>]",
+        example="python launch/make_cohort.py --preset=small",
+    )

@@ -1,8 +1,11 @@
 """Reproduce the paper: SRCNN and DeepSR at 8×, 12×, 16×, then Tables 1–3, Figures 2–5, report.md.
 
-python launch/reproduce.py                      # full paper protocol (a GPU)
-python launch/reproduce.py --quick              # small cohort, short runs: ~1 h on a 2-core CPU
-python launch/reproduce.py --scales=8 --runs=runs/ --out=reports/paper
+Examples, one per use:
+
+  python launch/reproduce.py --quick              # small cohort, short runs: ~1 h on a 2-core CPU
+  python launch/reproduce.py                      # the full paper protocol: a GPU
+  python launch/reproduce.py --quick --scales=8   # one scale only
+  python launch/reproduce.py --config_arg=tiny    # the tests' size, to try the pipeline out
 
 Finished runs are reused and interrupted ones resumed, so rerunning the same command after a stop
 continues where it left off; the logic lives in `petsr_jax.experiments.reproduce` (importable from a
@@ -16,9 +19,10 @@ cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (
 import shlex  # noqa: E402
 import sys  # noqa: E402
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from petsr_jax import data, distributed  # noqa: E402
+from petsr_jax import checkpoint, cli, data, distributed, io  # noqa: E402
+from petsr_jax import workdir as workdir_lib  # noqa: E402
 from petsr_jax.config import build_config  # noqa: E402
 from petsr_jax.experiments import reproduce  # noqa: E402
 
@@ -50,14 +54,17 @@ def main(argv):
         first = build_config("srcnn", settings.model_arg(scales[0]))
     except (KeyError, ValueError) as e:
         raise app.UsageError(f"--config_arg: {e}") from None
-    if not flags.FLAGS["verbosity"].present:
-        # Orbax logs every save and restore at INFO, burying the progress bars.
-        logging.set_verbosity(logging.WARNING)
     # Before anything asks JAX for its devices: a multi-process run needs the runtime first.
     distributed.initialize(first)
     try:
         summary = reproduce.reproduce(settings, command=shlex.join(["python"] + sys.argv))
-    except (reproduce.ReproduceError, data.DataError) as e:
+    except (
+        reproduce.ReproduceError,
+        data.DataError,
+        io.ScanError,
+        checkpoint.CheckpointError,
+        workdir_lib.WorkdirError,  # a run's folder held by another training, or not a run's
+    ) as e:
         sys.exit(f"reproduce: {e}")
     for run in summary["runs"]:
         print(f"{run['model']} {run['scale']}x: {run['status']} ({run['workdir']})")
@@ -65,4 +72,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(
+        main,
+        usage="[--quick] [--scales=8,12,16] [--runs=<folder>] [--out=<folder>]",
+        example="python launch/reproduce.py --quick",
+    )

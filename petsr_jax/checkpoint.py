@@ -288,6 +288,10 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         f"{workdir} holds no checkpoint (looked in best/ and checkpoints/); is it the workdir "
         "of a training run?"
     )
+    if (workdir / "config.json").is_file():  # it is: a training that never saved a step
+        from petsr_jax.workdir import never_checkpointed
+
+        no_checkpoint = CheckpointError(never_checkpointed(workdir))
     if not (workdir / "checkpoints").is_dir():
         raise no_checkpoint
     with ocp.CheckpointManager(

@@ -38,6 +38,16 @@ MODELS = ("srcnn", "deepsr")
 # training), `gpu` (one GPU, bfloat16) and `mr` (the co-registered T1 as a second input channel).
 FLAGS = ("gpu", "mr", "paper", "quick", "tiny")
 
+# What each flag is for, in one line: the launch scripts' `--help` lists the variants the config
+# files define (their `VARIANTS`, the fields each sets) with these lines beside them.
+FLAG_HELP = {
+    "quick": "a 2-core CPU run of minutes: small cohort, 64² crops, 40 epochs, DeepSR 6×32",
+    "gpu": "one GPU: bfloat16 compute, whole 384² slices, batch 16",
+    "paper": "the authors' protocol: 8-bit data domain, batch 16, no flips, final weights",
+    "mr": "MR-guided: the co-registered T1 as a second input channel",
+    "tiny": "the tests' size: the tiny cohort (4 × 8 slices of 32²), a few steps",
+}
+
 # Where `build_config` finds the config files: the `configs/` folder of a source checkout.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -302,10 +312,23 @@ def load_config_file(path, arg: str | None = None) -> ml_collections.ConfigDict:
         files = sorted(p.name for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
         hint = f"; config files there: {', '.join(files)}" if files else ""
         raise ConfigError(f"{path}: no such config file{hint}")
+    return _config_module(path).get_config(arg)
+
+
+def _config_module(path: Path):
     spec = importlib.util.spec_from_file_location(f"petsr_jax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def variants(model: str) -> dict[str, dict[str, Any]]:
+    """The variants `configs/<model>.py` offers after the colon: its `VARIANTS`, each flag with
+    the fields it sets; empty where the config files are not there (an installed package)."""
+    path = CONFIGS_DIR / f"{model}.py"
+    if not path.is_file():
+        return {}
+    return dict(getattr(_config_module(path), "VARIANTS", {}))
 
 
 def config_flag_problem(argv: list[str], flag: str = "config") -> str | None:

@@ -143,7 +143,7 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     """The locked config a run was trained with, from `<workdir>/config.json`."""
     path = Path(workdir) / "config.json"
     if not Path(workdir).is_dir():
-        raise InferenceError(f"{workdir}: no such workdir")
+        raise InferenceError(missing_workdir(workdir))
     if not path.is_file():
         raise InferenceError(
             f"{path}: missing; a training workdir gets config.json when launch/main.py starts "
@@ -167,6 +167,42 @@ def read_config(workdir) -> ml_collections.ConfigDict:
     config = _overlay(defaults, fields)
     config.lock()
     return config
+
+
+def missing_workdir(workdir) -> str:
+    """`<workdir>: no such workdir`, naming the nearest workdirs beside it (folders holding a
+    config.json, by name) with the commands that trained them, and the command that trains
+    `workdir` itself where its name is a variant's default (`runs/deepsr_x8_small_b6`)."""
+    import difflib
+
+    from petsr_jax.cli import variant_workdirs
+
+    workdir = Path(workdir)
+    parent = workdir.parent
+    runs = []
+    if parent.is_dir():
+        runs = sorted(p.name for p in parent.iterdir() if (p / "config.json").is_file())
+    text = f"{workdir}: no such workdir"
+    close = difflib.get_close_matches(workdir.name, runs, n=3, cutoff=0.6)
+    if close:
+        named = []
+        for name in close:
+            command = workdir_lib.recorded_command(parent / name)
+            named.append(str(parent / name) + (f" (trained by: {command})" if command else ""))
+        text += f"; nearest: {'; '.join(named)}"
+    elif runs:
+        shown = ", ".join(runs[:5]) + (", ..." if len(runs) > 5 else "")
+        text += f"; runs in {parent}: {shown}"
+    trains = {Path(path).name: command for path, command in variant_workdirs().items()}
+    if workdir.name in trains:
+        where = "" if parent.name == "runs" else f" --workdir={workdir}"
+        text += f"; to train it: {trains[workdir.name]}{where}"
+    elif not runs:
+        text += (
+            "; train one first, e.g. python launch/main.py "
+            "--config=configs/deepsr.py:scale=8,quick (it writes runs/deepsr_x8_small_b6)"
+        )
+    return text
 
 
 def _overlay(defaults: ml_collections.ConfigDict, saved: dict) -> ml_collections.ConfigDict:
@@ -443,8 +479,9 @@ class SuperResolver:
         return [
             f"{name}: pixels are {_mm(volume.spacing[1:])} but the model was trained on "
             f"{_mm(trained)} pixels ({where}); a difference over {SPACING_TOLERANCE:.0%} changes "
-            "what the network sees: resample the scan to about the training spacing, or expect "
-            "a weaker result"
+            "what the network sees: enhance it at the training spacing (launch/enhance.py "
+            f"--resample, or petsr_jax.io.resample(volume, ({trained[0]:.4g}, {trained[1]:.4g})) "
+            "first), or expect a weaker result"
         ]
 
     # -- the two modes ----------------------------------------------------------------------
@@ -681,3 +718,60 @@ def series_number(volume: Volume) -> int | None:
         return int(number) + _SERIES_NUMBER_OFFSET
     except (TypeError, ValueError):
         return None
+
+# --------------------------------------------------------------------------------------------
+# Results a user should stop at (launch/enhance.py prints them as warnings)
+# --------------------------------------------------------------------------------------------
+
+# Relative change of an enhanced scan's total activity beyond which it is a warning.
+# Super-resolution moves activity between voxels and should create none. Measured on 2026-12-04:
+# the README's quick model changes the totals of its own cohort's validation and test scans by
+# −2.0 to +3.0 percent (negative undershoot clipped to 0 included), and the NEMA IQ phantom,
+# which it was not trained for, by +20.4 percent; 5 percent lies between the two.
+TOTAL_ACTIVITY_TOLERANCE = 0.05
+# The same for the maximum voxel (SUVmax), one bound each way. Sharpening raises the peaks of
+# small hot structures that the scan's blur spread out (partial-volume recovery): the quick model
+# raises its cohort scans' maxima by 18 to 34 percent, so more than +50 percent is beyond what it
+# does to scans it fits. Sharpening should not lower the hottest voxel: beyond −10 percent the
+# model flattens it.
+MAX_INCREASE_TOLERANCE = 0.50
+MAX_DECREASE_TOLERANCE = 0.10
+
+
+def activity_warnings(change) -> list[str]:
+    """What a user should stop at in a `quantitation.ActivityChange`: the total activity changed
+    by more than `TOTAL_ACTIVITY_TOLERANCE`, or the maximum raised by more than
+    `MAX_INCREASE_TOLERANCE` or lowered by more than `MAX_DECREASE_TOLERANCE`."""
+    problems = []
+    total, peak = change.total_change, change.max_change
+    if abs(total) > TOTAL_ACTIVITY_TOLERANCE:
+        problems.append(
+            f"enhancement changed the total activity by {total * 100:+.1f} percent (more than "
+            f"{TOTAL_ACTIVITY_TOLERANCE:.0%}); super-resolution should move activity, not create "
+            "or remove it: check that the scan fits the model (pixel spacing, resolution, units) "
+            "before using the output for quantitation"
+        )
+    if peak > MAX_INCREASE_TOLERANCE or peak < -MAX_DECREASE_TOLERANCE:
+        bound = MAX_INCREASE_TOLERANCE if peak > 0 else MAX_DECREASE_TOLERANCE
+        problems.append(
+            f"enhancement changed the maximum (SUVmax) by {peak * 100:+.1f} percent (more than "
+            f"{bound:.0%} {'up' if peak > 0 else 'down'}); read SUVmax on the input, not on the "
+            "output"
+        )
+    return problems
+
+
+def score_warnings(scores: dict) -> list[str]:
+    """A model that reconstructs a scan worse than its bicubic input (PSNR, or SSIM) is worth a
+    warning: on that scan the network removes more than it restores."""
+    problems = []
+    for metric, unit, digits in (("psnr", " dB", 2), ("ssim", "", 3)):
+        model, bicubic = scores.get(f"sr/{metric}"), scores.get(f"bicubic/{metric}")
+        if model is not None and bicubic is not None and model < bicubic:
+            problems.append(
+                f"the model scores below bicubic ({metric.upper()} {model:.{digits}f}{unit} "
+                f"against {bicubic:.{digits}f}{unit}): on this scan it loses more than it "
+                "restores; check that the scan fits the model (pixel spacing, resolution, "
+                "noise) before using its output"
+            )
+    return problems

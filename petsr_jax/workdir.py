@@ -427,5 +427,73 @@ def progress(workdir) -> str | None:
         total = json.loads((workdir / RUN_FILE).read_text()).get("total_steps")
     step = latest_step(workdir) or 0
     of = f" of {total}" if total else ""
-    being = " (a training holds the lock now)" if (workdir / LOCK_FILE).exists() else ""
+    state = lock_state(workdir)
+    being = f" ({state})" if state else ""
     return f"{workdir} is unfinished: trained {step}{of} steps{being}"
+
+
+# --------------------------------------------------------------------------------------------
+# What a reader is told about a run that is not there yet
+# --------------------------------------------------------------------------------------------
+
+
+def recorded_command(workdir) -> str | None:
+    """The command line that started the workdir's training (run.json), as a shell takes it."""
+    import shlex
+
+    try:
+        argv = json.loads((Path(workdir) / RUN_FILE).read_text()).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not argv or not isinstance(argv, list):
+        return None
+    argv = [str(a) for a in argv]
+    return shlex.join((["python"] if argv[0].endswith(".py") else []) + argv)
+
+
+def lock_state(workdir) -> str | None:
+    """`a training holds the lock now (pid ... on ... since ...)`, `its training stopped (its
+    process ... is not running)` for a lock left behind, or None without a lock."""
+    path = Path(workdir) / LOCK_FILE
+    try:
+        mtime = path.stat().st_mtime
+        holder = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return "a training may hold the lock now (its record cannot be read)"
+    reason = stale_reason(holder, mtime) if holder else None
+    if reason:
+        return f"its training stopped ({reason}; the lock is left over)"
+    return f"a training holds the lock now ({_holder_description(holder)})"
+
+
+def never_checkpointed(workdir) -> str:
+    """What to tell a reader of a workdir that has a config.json but no checkpoint: whether
+    its training is still before its first checkpoint or stopped there, and what starts it."""
+    workdir = Path(workdir)
+    first = None
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        record = recorded_config(workdir) or {}
+        run = json.loads((workdir / RUN_FILE).read_text())
+        every = record.get("train", {}).get("checkpoint_every_steps") or run["steps_per_epoch"]
+        first = f"the first comes at step {int(every)} of {int(run['total_steps'])}"
+    when = f" ({first})" if first else ""
+    state = lock_state(workdir)
+    if state and state.startswith("a training holds"):
+        return (
+            f"{workdir} holds a training that has not reached its first checkpoint yet{when}; "
+            f"{state}. Load it again once it has saved one."
+        )
+    command = recorded_command(workdir)
+    rerun = (
+        f"rerunning its training command starts it: {command}"
+        if command
+        else "rerunning the launch/main.py command that started it (same --config and "
+        "--workdir) starts it"
+    )
+    stopped = f"; {state}" if state else ""
+    return (
+        f"{workdir} holds a training run that never reached a checkpoint{when}{stopped}, so "
+        f"there are no trained params to load; {rerun}"
+    )

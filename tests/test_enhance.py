@@ -106,7 +106,7 @@ def test_reconstruct_mode_prints_scores_against_the_original(
             for h, b in zip(hr[non_empty], lr_up[non_empty], strict=True)
         ]
     )
-    assert float(bicubic_psnr) == pytest.approx(expected, abs=2e-4)
+    assert float(bicubic_psnr) == pytest.approx(expected, abs=5e-3)  # printed with 2 decimals
     assert all(np.isfinite(float(v)) for v in (sr_psnr, bicubic_ssim, sr_ssim))
 
     written = io.read_volume(out / "patient_a.nii.gz")
