@@ -37,7 +37,7 @@ from petsr_jax import workdir as workdir_lib
 from petsr_jax.data import mr
 from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation import evaluate, report
-from petsr_jax.models import count_params, create_model
+from petsr_jax.models import conv_module, count_params, create_model
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +376,10 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
 
     mesh = sharding.make_mesh()
     model = create_model(config)
+    conv = conv_module(config.model.conv)  # "auto" picks per machine: the log says which
+    log.info(
+        "convolutions: %s.%s (model.conv=%s)", conv.__module__, conv.__name__, config.model.conv
+    )
     tx = make_optimizer(config)
     state = init_state(config, model, tx)
     state = sharding.replicate(state, mesh)
