@@ -14,12 +14,19 @@ different number of processes.
 
 Restoring checks the checkpoint's tree against the model first, so a checkpoint of another model
 or config is named as such instead of surfacing as an Orbax shape error; anything Orbax cannot
-read is reported as a damaged step, with the earlier steps to fall back to.
+read is reported as a damaged step, with the earlier steps to fall back to. Damaged best params
+fall back to the latest full state with a warning naming both, as `which="last"` would read.
+
+Every step records, in its Orbax custom metadata, the config.json the run was trained with, so
+`check_config_unedited` can tell a config.json edited after training (scale 8 → 16: the params
+would load and score as a 16× model) and name the fields that differ.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -32,6 +39,41 @@ class CheckpointError(RuntimeError):
 
 # How many differing leaves a mismatch message lists before summarising the rest.
 _MAX_LISTED = 6
+# Key of the trained config in each step's Orbax custom metadata.
+CONFIG_METADATA_KEY = "petsr_jax_config"
+# Where Orbax keeps a step's metadata (custom metadata included), read as plain JSON so that
+# checking a workdir's record needs no checkpoint manager.
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+_orphaned_reads_ignored = False
+
+
+def _ignore_orphaned_reads() -> None:
+    """Drop TensorStore's "Event loop is closed" reports of reads orphaned by a failed restore.
+
+    When one file of a step cannot be read, Orbax stops and closes its asyncio loop while the
+    other reads are still in flight; as each completes, TensorStore reports its callback's
+    `RuntimeError: Event loop is closed` to `sys.unraisablehook`: a traceback per read, hundreds
+    of lines around the one-line error that says what to do. Only that error is dropped; every
+    other unraisable exception reaches the previous hook. The coroutines of the abandoned reads
+    are collected unawaited, a `RuntimeWarning` each, ignored too.
+    """
+    global _orphaned_reads_ignored
+    # Again on every call: a caller's `warnings.catch_warnings` may have dropped the filter.
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+    )
+    if _orphaned_reads_ignored:
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    _orphaned_reads_ignored = True
 
 
 def _default_sharding():
@@ -114,7 +156,7 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     text = text.splitlines()[0] if text else ""
     # TensorStore appends a repr of its whole spec to read errors; the sentence before says it.
-    text = text.split(" See full TensorStore details")[0]
+    text = text.split(" See full TensorStore details")[0].split(" [tensorstore_spec")[0]
     return f"{type(error).__name__}: {text}".rstrip(": ")
 
 
@@ -153,6 +195,66 @@ def _damaged(step_dir: Path, error: BaseException, earlier: list[int]) -> Checkp
     )
 
 
+def _run_config(workdir: Path) -> dict | None:
+    """The config.json of a workdir, or None when it is absent or unreadable (then there is no
+    record to keep, and `workdir.recorded_config` reports the damage)."""
+    try:
+        record = json.loads((Path(workdir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def trained_config(step_dir: Path) -> dict | None:
+    """The config a checkpoint step was trained with (its custom metadata), or None for a step
+    written before steps recorded it."""
+    try:
+        metadata = json.loads((Path(step_dir) / _STEP_METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    record = (metadata.get("custom_metadata") or {}).get(CONFIG_METADATA_KEY)
+    return record if isinstance(record, dict) else None
+
+
+def _step_dirs(workdir: Path) -> list[Path]:
+    """Every committed step of `checkpoints/` and `best/`, newest first."""
+    steps = []
+    for folder in ("checkpoints", "best"):
+        parent = Path(workdir) / folder
+        if parent.is_dir():
+            steps += [p for p in parent.iterdir() if p.name.isdigit() and p.is_dir()]
+    return sorted(steps, key=lambda p: -int(p.name))
+
+
+def check_config_unedited(workdir, recorded: dict | None = None) -> None:
+    """Refuse a workdir whose config.json no longer says what its checkpoints were trained with.
+
+    `recorded` is the workdir's config.json (read when not given). Only fields that change the
+    trained parameters count (`workdir.defining_differences`), and only fields both records
+    hold (a field added to the project since is not an edit). Raises `CheckpointError` naming
+    each edited field with both values, before anything is restored or written.
+    """
+    from petsr_jax import workdir as workdir_lib  # it decides which fields define a run
+
+    workdir = Path(workdir)
+    recorded = _run_config(workdir) if recorded is None else recorded
+    if recorded is None:
+        return
+    for step_dir in _step_dirs(workdir):
+        trained = trained_config(step_dir)
+        if trained is None:
+            continue
+        rows = workdir_lib.edited_fields(trained, recorded)
+        if rows:
+            listed = "; ".join(rows[:_MAX_LISTED]) + ("; ..." if len(rows) > _MAX_LISTED else "")
+            raise CheckpointError(
+                f"{workdir / 'config.json'} was edited after training: {listed}. The params in "
+                f"{step_dir.parent.name}/{step_dir.name} were trained with the first values; put "
+                "them back in config.json, or train the edited config in another workdir."
+            )
+        return  # every step of one run records the same config: the newest tells
+
+
 def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
     # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp`; it is never restored from, and
     # cleaning it when the run restarts keeps the workdir free of half-written folders.
@@ -160,10 +262,17 @@ def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
 
 
 class Checkpoints:
-    """The two checkpoint managers of a workdir."""
+    """The two checkpoint managers of a workdir.
 
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    Every step saved records `run_config` — by default the workdir's config.json, which a
+    training writes from its config before it saves anything — in its custom metadata
+    (`check_config_unedited`).
+    """
+
+    def __init__(self, workdir: str | Path, keep: int = 3, run_config: dict | None = None):
         workdir = Path(workdir).absolute()
+        record = run_config if run_config is not None else _run_config(workdir)
+        self._metadata = None if record is None else {CONFIG_METADATA_KEY: record}
         # Both managers save the same step numbers; with several processes their barriers are
         # named after the step, so without distinct prefixes the second save of a step meets
         # the first one's barrier "already ongoing" and times out.
@@ -200,12 +309,14 @@ class Checkpoints:
                 state=ocp.args.StandardSave(state),
                 data_iter=ocp.args.JsonSave(data_iter_state),
             ),
+            custom_metadata=self._metadata,
         )
 
     def restore(self, step: int, like_state):
         """(state, data_iter_state) of `step`, laid out like `like_state` (same shardings)."""
         step_dir = Path(self.last.directory) / str(step)
         _check_structure(step_dir / "state", like_state, "state")
+        _ignore_orphaned_reads()
         try:
             restored = self.last.restore(
                 step,
@@ -224,24 +335,33 @@ class Checkpoints:
             step,
             args=ocp.args.Composite(params=ocp.args.StandardSave(params)),
             metrics={"val_psnr": float(val_psnr)},
+            custom_metadata=self._metadata,
         )
 
     def best_step(self) -> int | None:
         return self.best.best_step()
 
     def restore_best(self, like_params):
+        """The best params, or None when there are none — or when they cannot be read: then a
+        warning names the damaged step, and the caller scores the params it holds instead."""
         step = self.best.best_step()
         if step is None:
             return None
         step_dir = Path(self.best.directory) / str(step)
         _check_structure(step_dir / "params", like_params, "params")
+        _ignore_orphaned_reads()
         try:
             restored = self.best.restore(
                 step,
                 args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like_params))),
             )
         except Exception as e:
-            raise _damaged(step_dir, e, []) from e
+            warnings.warn(
+                f"checkpoint {step_dir} cannot be read; its files are damaged or incomplete "
+                f"({_first_line(e)}). Using the run's last params instead of the best.",
+                stacklevel=2,
+            )
+            return None
         return restored.params
 
     def wait(self) -> None:
@@ -256,8 +376,9 @@ class Checkpoints:
 def restore_params(workdir: str | Path, like_params, which: str = "best"):
     """Params of a finished workdir without flags or a train state (notebooks, enhancement).
 
-    `which="best"` takes the best validation checkpoint, falling back to the latest full state;
-    `"last"` takes the latest full state. Only the params are read (a partial restore).
+    `which="best"` takes the best validation checkpoint, falling back to the latest full state
+    when there is none, or with a warning naming both when its files cannot be read; `"last"`
+    takes the latest full state. Only the params are read (a partial restore).
     `like_params` gives shapes, dtypes and placement (arrays or `jax.ShapeDtypeStruct`s); leaves
     without a sharding land on this process's first device, whatever devices saved them.
     Raises `CheckpointError` for a workdir without checkpoints, a checkpoint of another model,
@@ -267,9 +388,11 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         raise ValueError(f"which: expected 'best' or 'last', got {which!r}")
     workdir = Path(workdir).absolute()
     like = _abstract(like_params)
+    _ignore_orphaned_reads()
     # Managers that create nothing: reading a folder that is not a workdir must not make one.
     # (Orbax's read_only option would do too, but warns on every restore.)
     no_create = ocp.CheckpointManagerOptions(create=False)
+    damaged_best = None  # (step folder, error) of best params that cannot be read
     if which == "best" and (workdir / "best").is_dir():
         with ocp.CheckpointManager(
             workdir / "best", options=no_create, item_names=("params",)
@@ -283,7 +406,7 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
                         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(like))
                     ).params
                 except Exception as e:
-                    raise _damaged(step_dir, e, []) from e
+                    damaged_best = (step_dir, e)
     no_checkpoint = CheckpointError(
         f"{workdir} holds no checkpoint (looked in best/ and checkpoints/); is it the workdir "
         "of a training run?"
@@ -292,6 +415,8 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         from petsr_jax.workdir import never_checkpointed
 
         no_checkpoint = CheckpointError(never_checkpointed(workdir))
+    if damaged_best is not None:  # nothing to fall back to: the damage is the error
+        no_checkpoint = _damaged(*damaged_best, [])
     if not (workdir / "checkpoints").is_dir():
         raise no_checkpoint
     with ocp.CheckpointManager(
@@ -317,6 +442,14 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         except Exception as e:
             earlier = [s for s in mngr.all_steps() if s < step]
             raise _damaged(step_dir, e, earlier) from e
+        if damaged_best is not None:
+            best_dir, error = damaged_best
+            warnings.warn(
+                f"checkpoint {best_dir} cannot be read; its files are damaged or incomplete "
+                f"({_first_line(error)}). Using the latest full state, {step_dir}, instead "
+                "(--checkpoint=last, or which='last', reads it without this warning).",
+                stacklevel=2,
+            )
         return restored.state["params"]
 
 

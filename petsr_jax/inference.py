@@ -109,10 +109,12 @@ def load(workdir, *, which: str | None = None, batch_size: int | None = None) ->
 
     Raises:
       InferenceError: the folder is not a training workdir.
-      petsr_jax.checkpoint.CheckpointError: it holds no restorable checkpoint for its config.
+      petsr_jax.checkpoint.CheckpointError: it holds no restorable checkpoint for its config,
+        or its config.json was edited after training (the fields named).
     """
     workdir = Path(workdir)
     config = read_config(workdir)
+    checkpoint.check_config_unedited(workdir)  # else the params load as another model
     if which is None:
         which = "last" if config.eval.get("weights", "best") == "final" else "best"
     model = create_model(config)
@@ -363,7 +365,8 @@ class SuperResolver:
             mr_guidance.check_alignment(
                 name, t1_slices.shape, t1_affine, pet_slices.shape, pet_affine, "mr="
             )
-            normalised = mr_guidance.normalise_t1(t1_slices)
+            source = t1.meta.get("source_path", "mr=") if isinstance(t1, Volume) else "mr="
+            normalised = mr_guidance.normalise_t1(t1_slices, source=str(source))
         except data.DataError as error:
             raise IncompatibleInput(str(error)) from None
         depth = normalised.shape[0]
@@ -395,6 +398,7 @@ class SuperResolver:
         self.guide_for(mr, volume)  # refuses a missing, unneeded or misaligned T1
         problems = self._units_problems(volume, name, check_units)
         problems += self._spacing_problems(volume, name)
+        problems += mr_guidance.pairing_warnings(volume, mr, name) if mr is not None else []
         return problems
 
     def _units_problems(self, volume: Volume, name: str, check_units: bool) -> list[str]:
@@ -666,6 +670,13 @@ def plan_outputs(input_path, output_dir, output_format: str = "auto") -> list[En
         raise InferenceError(f"format: expected one of {', '.join(FORMATS)}, got {output_format!r}")
     input_path = Path(input_path)
     output_dir = Path(output_dir)
+    # A file where the output folder goes fails only at the first write, after the first scan.
+    blocker = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is" if blocker == output_dir else f"lies under {blocker}, which is"
+        raise InferenceError(
+            f"{output_dir}: {where} a file, not a folder; give --output a new or empty folder"
+        )
     patients = input_patients(input_path)
     out_resolved = output_dir.resolve()
     in_resolved = input_path.resolve()

@@ -14,12 +14,15 @@ user sees at once when an enhancement shifted quantitation: `total −0.4 %, max
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from petsr_jax.io.errors import ScanError
 
 # Name of the record `launch/enhance.py` writes beside its outputs.
 RECORD_NAME = "activity_changes.json"
@@ -95,7 +98,9 @@ def record_changes(folder, changes: dict[str, ActivityChange]) -> Path:
     """Add per-scan changes to `<folder>/activity_changes.json` and return its path.
 
     Entries of earlier runs into the same folder are kept (a scan enhanced again replaces its
-    own entry). The file is replaced in one rename, so a reader never sees half of it.
+    own entry). The file is replaced in one rename, so a reader never sees half of it. A write
+    that fails (permissions, a full disk) leaves the previous record and raises one `ScanError`
+    naming the file and the cause.
     """
     path = Path(folder) / RECORD_NAME
     records = {}
@@ -106,8 +111,14 @@ def record_changes(folder, changes: dict[str, ActivityChange]) -> Path:
             records = {}  # a damaged record is rebuilt rather than blocking the outputs
     records.update({name: change.as_record() for name, change in changes.items()})
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        cause = error.strerror or str(error) or type(error).__name__
+        raise ScanError(f"{path}: cannot write the activity record ({cause})") from error
     return path
 
 

@@ -207,6 +207,30 @@ def _is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def _drop_metrics_after(workdir: Path, step: int) -> None:
+    """Cut metrics.jsonl back to what a run resumed from `step` has not logged yet.
+
+    A run killed after its last checkpoint logged the steps since; resumed from the checkpoint,
+    it logs them again (the same values), and the curves would hold them twice. Lines of later
+    steps go, as does the "about" line of `step` itself (the resumed run writes its own), and a
+    line cut by the kill; the file is replaced in one rename.
+    """
+    path = workdir / "metrics.jsonl"
+    if not _is_primary() or not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = record["step"] < step or (record["step"] == step and "about" not in record)
+        except (ValueError, TypeError, KeyError):
+            keep = False
+        kept += [line] if keep else []
+        dropped += not keep
+    if dropped:
+        files.write_atomic(path, "".join(f"{line}\n" for line in kept).encode())
+
+
 class _MetricWriter:
     """Scalars to TensorBoard event files and a JSON-lines file (primary process only)."""
 
@@ -317,8 +341,9 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
 
     validate(config)
     workdir = Path(workdir).absolute()
-    check_workdir(workdir)
+    workdir_lib.check_not_data(workdir)  # before anything is written into someone's data
     lock = workdir_lib.WorkdirLock(workdir) if _is_primary() else contextlib.nullcontext()
+    check_workdir(workdir)
     with lock:
         return _train_and_evaluate(config, workdir, progress)
 
@@ -347,6 +372,9 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
     ckpt_every = config.train.checkpoint_every_steps or steps_per_epoch
 
     # A run interrupted while writing its outputs has results.json but not all of the rest; it
+    data.slices.check_run_sets(
+        root, config.train.batch_size, train=train_set, val=val_set, test=test_set
+    )
     # is evaluated again from its final checkpoint (no training) and its outputs rewritten.
     # A finished run scored with other evaluation settings is scored again, not retrained.
     recorded = workdir_lib.recorded_config(workdir)
@@ -410,6 +438,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         train_iter.set_state(iter_state)
         log.info("resumed from step %d of %s", start_step, workdir)
 
+    _drop_metrics_after(workdir, start_step)  # a resumed run logs those steps again
     step_fn = jit_train_step(make_train_step(model, tx, config.scale, config.data.domain), mesh)
     writer = _MetricWriter(workdir)
     n_params = count_params(state.params)

@@ -7,8 +7,11 @@ kernels, recomputation, the distributed launch — and `EVALUATION_FIELDS`, whic
 finished run is scored with but not its parameters (a rerun that changes only those scores the
 trained parameters again). `check_same_run` refuses a workdir that holds another run, naming each
 differing field with its two values, before anything is written; `main`, `reproduce` and
-`ablate` all go through it (via `train.train_and_evaluate` or directly). `default_workdir` gives a
-readable name, plus a short hash of the defining fields when that name is taken by another run.
+`ablate` all go through it (via `train.train_and_evaluate` or directly). It also refuses a
+config.json edited after training (`checkpoint.check_config_unedited`: each checkpoint records
+the config it was trained with), and `check_not_data` refuses a folder of scans or of anything
+else that is not a run. `default_workdir` gives a readable name, plus a short hash of the
+defining fields when that name is taken by another run.
 
 **One writer.** `WorkdirLock` is an exclusive lock for the whole life of a training (or of a
 reproduce / ablate output folder): `<workdir>/.lock`, created with `O_CREAT | O_EXCL` — atomic on
@@ -102,6 +105,20 @@ def defining_differences(recorded: dict, config) -> list[str]:
     return differences(recorded, config, RUNTIME_FIELDS + EVALUATION_FIELDS)
 
 
+def edited_fields(trained: dict, recorded: dict) -> list[str]:
+    """`field: <trained> when trained, <recorded> in config.json` for each field that changes
+    the trained parameters and differs between the config a checkpoint was trained with and the
+    workdir's config.json. Fields only one side holds are left out: a field added to (or
+    dropped from) the project between the two writes is not an edit."""
+    before, now = _comparable(trained), _comparable(recorded)
+    ignore = RUNTIME_FIELDS + EVALUATION_FIELDS
+    return [
+        f"{key}: {before[key]!r} when trained, {now[key]!r} in config.json"
+        for key in sorted(set(before) & set(now))
+        if not key.startswith(ignore) and before[key] != now[key]
+    ]
+
+
 def recorded_config(workdir) -> dict | None:
     """The config.json of a workdir, or None when it has none; unreadable is an error."""
     path = Path(workdir) / "config.json"
@@ -124,25 +141,119 @@ def holds_run(workdir) -> bool:
     return has_state or (workdir / "results.json").exists()
 
 
-def check_same_run(workdir, config) -> None:
+def check_same_run(
+    workdir, config, *, remedy: str = "Give another --workdir for this config"
+) -> None:
     """Refuse a workdir that holds a run of another config, before anything is written.
 
     Raises `WorkdirError` naming every differing field that changes the trained parameters,
-    with both values. A workdir without trained state (a run killed before its first
-    checkpoint) holds nothing to protect and is accepted.
+    with both values, and `remedy` (what the caller's user changes to pick another folder:
+    `--workdir` for main, `--runs` for reproduce and ablate). A config.json edited after
+    training is refused first, by its own name: it no longer says which run the workdir holds.
+    A workdir without trained state (a run killed before its first checkpoint) holds nothing
+    to protect and is accepted.
     """
+    from petsr_jax import checkpoint  # below this module: it reads what the steps recorded
+
     recorded = recorded_config(workdir)
     if recorded is None or not holds_run(workdir):
         return
+    try:
+        checkpoint.check_config_unedited(workdir, recorded)
+    except checkpoint.CheckpointError as error:
+        raise WorkdirError(str(error)) from None
     rows = defining_differences(recorded, config)
     if recorded.get("model", {}).get("name") != config.model.name:
         # Another network altogether: its depth and width would only add noise.
         rows = [r for r in rows if not r.startswith(("model.num_blocks", "model.width"))]
     if rows:
         raise WorkdirError(
-            f"{workdir} holds a run of another config ({'; '.join(rows)}). Give another "
-            "--workdir for this config, or rerun with the config the workdir records."
+            f"{workdir} holds a run of another config ({'; '.join(rows)}). {remedy}, or rerun "
+            "with the config the workdir records."
         )
+
+
+# What a run leaves in its workdir (README, "What a run writes"), and its other own files.
+RUN_ENTRIES = frozenset(
+    {
+        "config.json",
+        "split.json",
+        "data_info.json",
+        RUN_FILE,
+        "metrics.jsonl",
+        "tensorboard",
+        "checkpoints",
+        "best",
+        "results.json",
+        "results.md",
+        "test_scores.json",
+        "test_slices.png",
+        "training_curves.png",
+        "train_time.json",
+        "val_results.json",
+    }
+)
+# File names of scans: DICOM (also recognised by its "DICM" marker), NIfTI, Analyze, MINC, MGH.
+SCAN_SUFFIXES = (".dcm", ".ima", ".nii", ".nii.gz", ".img", ".hdr", ".mnc", ".mgz", ".nrrd")
+# How many files of a subfolder are looked at to tell a DICOM series folder.
+_FILES_LOOKED_AT = 20
+_MAX_NAMED = 5
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def _is_scan(entry: Path) -> bool:
+    """A scan file, or a folder holding scan files directly (a DICOM series)."""
+    if entry.is_file():
+        return entry.name.lower().endswith(SCAN_SUFFIXES) or _is_dicom_file(entry)
+    if entry.is_dir():
+        try:
+            files = [p for _, p in zip(range(_FILES_LOOKED_AT), entry.iterdir(), strict=False)]
+        except OSError:
+            return False
+        return any(p.is_file() and _is_scan(p) for p in files)
+    return False
+
+
+def check_not_data(workdir) -> None:
+    """Refuse, before anything is written, a workdir that holds scans, or that holds things
+    that are not a run's and no config.json: a run's checkpoints, logs and results would be
+    written among someone's data (`--workdir` given a DICOM folder by mistake).
+
+    A folder that does not exist yet, an empty one, and a run's own workdir are accepted.
+    """
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        return
+    entries = sorted(e for e in workdir.iterdir() if not e.name.startswith("."))
+    scans = [e for e in entries if e.name not in RUN_ENTRIES and _is_scan(e)]
+    if scans:
+        raise WorkdirError(
+            f"workdir {workdir} holds scans ({_named(scans)}); a run writes checkpoints, logs "
+            "and results into its workdir and must not mix them with data: give --workdir a "
+            "new or empty folder (e.g. runs/<name>)"
+        )
+    if (workdir / "config.json").is_file():
+        return
+    foreign = [e for e in entries if e.name not in RUN_ENTRIES]
+    if foreign:
+        raise WorkdirError(
+            f"workdir {workdir} is not a petsr_jax run (it has no config.json) and holds other "
+            f"things ({_named(foreign)}); give --workdir a new or empty folder (e.g. "
+            "runs/<name>)"
+        )
+
+
+def _named(entries: list[Path]) -> str:
+    names = [e.name + ("/" if e.is_dir() else "") for e in entries[:_MAX_NAMED]]
+    more = len(entries) - _MAX_NAMED
+    return ", ".join(names) + (f" and {more} more" if more > 0 else "")
 
 
 def fingerprint(config) -> str:
@@ -156,15 +267,23 @@ def fingerprint(config) -> str:
 
 
 def readable_name(config) -> str:
-    """`<model>_x<scale>`, plus the cohort preset, depth and domain where not the paper's, and
-    `_mr` for MR guidance."""
-    name = f"{config.model.name}_x{config.scale}"
-    if not config.data.root and config.data.cohort != "paper":
+    """`<model>_x<scale>` (`<model>_scanner` for a scanner task), plus the cohort preset, depth
+    and domain where not the paper's, `_c<k>` for k neighbouring slices each side, `_kept` for a
+    bicubic task that keeps activity, and `_mr` for MR guidance."""
+    task = config.get("task", {})
+    scanner = task.get("degradation", "bicubic") == "scanner"
+    name = f"{config.model.name}_scanner" if scanner else f"{config.model.name}_x{config.scale}"
+    on_phantoms = scanner and config.scanner.data == "phantoms"
+    if not config.data.root and not on_phantoms and config.data.cohort != "paper":
         name += f"_{config.data.cohort}"
     if config.model.name == "deepsr" and config.model.num_blocks != 20:
         name += f"_b{config.model.num_blocks}"
     if config.data.domain != "physical":
         name += f"_{config.data.domain}"
+    if task.get("context", 0):
+        name += f"_c{task.context}"
+    if not scanner and task.get("consistency", "none") != "none":
+        name += "_kept"
     if config.get("mr") is not None and config.mr.t1:  # MR-guided beside its PET-only twin
         name += "_mr_coords" if config.mr.coordinates else "_mr"
     return name
@@ -226,6 +345,16 @@ def stale_reason(holder: dict, lock_mtime: float, now: float | None = None) -> s
     return None
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist, deepest first."""
+    missing = []
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 class WorkdirLock:
     """The exclusive writer lock of a folder; a context manager. See the module docstring."""
 
@@ -236,7 +365,9 @@ class WorkdirLock:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._created_folder = False
+        # The folders that do not exist yet, deepest first: a writer refused before it wrote
+        # anything removes those it (or whoever prepared the folder since) created.
+        self._created = _missing_folders(self.folder)
 
     def _record(self) -> dict:
         return {
@@ -293,7 +424,6 @@ class WorkdirLock:
         aside.unlink(missing_ok=True)
 
     def acquire(self) -> WorkdirLock:
-        self._created_folder = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._create():
@@ -334,9 +464,11 @@ class WorkdirLock:
         found = self._read_holder()
         if found is not None and found[0].get("token") == self.token:
             self.path.unlink(missing_ok=True)
-        if self._created_folder:
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()  # a writer that wrote nothing leaves no empty folder
+        for folder in self._created:
+            try:
+                folder.rmdir()  # a writer that wrote nothing leaves no empty folder
+            except OSError:
+                break  # not empty: the run wrote something, and its parents hold it
 
     def __enter__(self) -> WorkdirLock:
         return self.acquire()

@@ -40,24 +40,45 @@ def _nifti_stem(name: str) -> str | None:
 
 
 def list_patients(root: str | os.PathLike) -> dict[str, Path]:
-    """Patient id → PET path (DICOM folder or NIfTI file) for every patient in `root`."""
+    """Patient id → PET path (DICOM folder or NIfTI file) for every patient in `root`.
+
+    A patient with two entries (`sub-002/` and `sub-002.nii.gz`) is a `DataError` naming both:
+    which one is the patient's scan is the user's to say.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder")
-    patients = {}
+    found: dict[str, list[Path]] = {}
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or entry.name in AUX_FOLDERS:
             continue
         if entry.is_dir():
-            patients[entry.name] = entry
+            found.setdefault(entry.name, []).append(entry)
         elif (stem := _nifti_stem(entry.name)) is not None:
-            patients[stem] = entry
+            found.setdefault(stem, []).append(entry)
+    # `sub-002/` beside `sub-002.nii.gz` (or `.nii` beside `.nii.gz`): reading one of them
+    # silently would drop the other, and nothing says which scan the patient is.
+    ambiguous = {pid: entries for pid, entries in found.items() if len(entries) > 1}
+    if ambiguous:
+        listed = "; ".join(
+            " and ".join(_entry_name(e) for e in entries) for entries in ambiguous.values()
+        )
+        raise DataError(
+            f"{root}: {len(ambiguous)} patient(s) have more than one scan ({listed}); one "
+            "patient is one DICOM folder or one NIfTI file: move or delete the others"
+        )
+    patients = {pid: entries[0] for pid, entries in found.items()}
     if not patients:
         raise DataError(
             f"data root {root} holds no patients: expected one DICOM folder or NIfTI file per "
             "patient (see README, 'Your own data')"
         )
     return patients
+
+
+def _entry_name(entry: Path) -> str:
+    """`sub-002/ (a DICOM folder)` or `sub-002.nii.gz`: a patient entry in a message."""
+    return f"{entry.name}/ (a DICOM folder)" if entry.is_dir() else entry.name
 
 
 def split_patients(

@@ -29,7 +29,10 @@ from petsr_jax.data.patients import AUX_FOLDERS, DataError, list_patients, load_
 BRAIN_AREA_FRACTION = 0.25
 # Without a mask: slices whose mean intensity is at least this fraction of the brightest slice's.
 INTENSITY_FRACTION = 0.5
-CACHE_VERSION = "2"  # 2: the index records the pixel spacing
+CACHE_VERSION = "3"  # 2: the index records the pixel spacing; 3: one pixel spacing per set
+# Largest relative difference between two patients' pixel spacings still "one spacing" (DICOM
+# stores spacings as decimal strings, NIfTI as float32: equal spacings differ in the last digits).
+SPACING_TOLERANCE = 0.01
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +177,7 @@ def build_slice_set(
     shapes = {a.shape[1:] for a in hr}
     if len(shapes) > 1:
         raise DataError(f"patients in {root} have different slice sizes {sorted(shapes)}")
+    check_one_spacing(root, dict(zip(sorted(patient_ids), spacings, strict=True)))
     has_mask = all(m is not None for m in masks)
     result = SliceSet(
         np.concatenate(hr),
@@ -188,6 +192,75 @@ def build_slice_set(
     if cache:
         _write_cache(folder, result)
     return result
+
+
+def _mm(spacing) -> str:
+    return f"{spacing[0]:.4g} × {spacing[1]:.4g} mm"
+
+
+def check_one_spacing(root: Path, spacing_of: dict[str, tuple[float, float]]) -> None:
+    """Refuse patients whose in-plane pixel spacings differ by more than `SPACING_TOLERANCE`.
+
+    The networks learn structures of a size in pixels, and `data_info.json` records one spacing
+    that enhancement compares new scans with: a median of 4.69 and 7.03 mm would record a
+    spacing no patient has. The message names each spacing with its patients and the fix.
+    """
+    groups: list[tuple[tuple[float, float], list[str]]] = []
+    for pid, spacing in spacing_of.items():
+        for reference, members in groups:
+            if all(
+                abs(s / r - 1) <= SPACING_TOLERANCE for s, r in zip(spacing, reference, strict=True)
+            ):
+                members.append(pid)
+                break
+        else:
+            groups.append((tuple(float(s) for s in spacing), [pid]))
+    if len(groups) < 2:
+        return
+    listed = " and ".join(
+        f"{_mm(spacing)} ({', '.join(members[:4])}{', ...' if len(members) > 4 else ''})"
+        for spacing, members in groups
+    )
+    raise DataError(
+        f"patients in {root} have different pixel spacings: {listed}, more than "
+        f"{SPACING_TOLERANCE:.0%} apart; the networks learn structures in pixels, so resample "
+        "the scans to one spacing first (petsr_jax.io.resample(volume, spacing_mm), then "
+        "petsr_jax.io.write_nifti), or train on the patients of one spacing"
+    )
+
+
+def check_run_sets(root: Path, batch_size: int, **sets: SliceSet) -> None:
+    """What one run's slice sets (train=, val=, test=) must agree on, said before training.
+
+    `check_one_spacing` across the sets: each set has one spacing already, and a test patient
+    at another pixel size is as wrong as a training patient at one. A training patient of a
+    single slice (a 2D image, not a volume) is a warning: it adds one slice, so the run has
+    fewer steps per epoch than a volume would give (slices // batch size), which nothing else
+    would say.
+    """
+    spacing_of = {
+        f"{name} patient {s.patient[0]}": s.pixel_spacing
+        for name, s in sets.items()
+        if s.pixel_spacing is not None and len(s)
+    }
+    check_one_spacing(root, spacing_of)
+    train = sets.get("train")
+    if train is None or not len(train):
+        return
+    patients, counts = np.unique(train.patient, return_counts=True)
+    single = [str(p) for p, n in zip(patients, counts, strict=True) if n == 1]
+    if single:
+        total = len(train)
+        log.warning(
+            "%s: training patient(s) %s hold a single slice (a 2D image, not a volume); the "
+            "train split has %d slices, %d steps of train.batch_size=%d per epoch%s",
+            root,
+            ", ".join(single),
+            total,
+            total // batch_size,
+            batch_size,
+            f", {total % batch_size} slice(s) left out of each epoch" if total % batch_size else "",
+        )
 
 
 def _write_cache(folder: Path, s: SliceSet) -> None:
@@ -224,7 +297,7 @@ def _guide_of(scan, root: Path, keep: np.ndarray, guidance: tuple[str, ...]) -> 
             f"patient {scan.patient_id} has no T1 MR ({root / 't1' / scan.patient_id}.nii.gz): "
             "an MR-guided run (mr.t1) needs a co-registered T1 for every patient"
         )
-    t1 = mr.normalise_t1(scan.t1)
+    t1 = mr.normalise_t1(scan.t1, source=str(root / "t1" / f"{scan.patient_id}.nii.gz"))
     return mr.guide_slices(t1[keep], keep, t1.shape[0], guidance)
 
 

@@ -181,9 +181,19 @@ def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Swe
         except ValueError as e:
             errors.append(f"{field}={format_value(value)}: {e}")
             continue
+        if run_config.model.name == "deepsr" and run_config.model.num_blocks < 1:
+            # Valid for the config, but no network the sweep means: 3 convolutions, no block.
+            errors.append(
+                f"{field}={format_value(value)}: model.num_blocks must be ≥ 1 for DeepSR (0 "
+                "leaves no residual block, only the input and output convolutions); sweep "
+                "depths from 1"
+            )
+            continue
         workdir = Path(runs_dir).absolute() / run_name(run_config, swept, value)
         try:
-            workdir_lib.check_same_run(workdir, run_config)
+            workdir_lib.check_same_run(
+                workdir, run_config, remedy="Give another --runs folder for this sweep"
+            )
         except workdir_lib.WorkdirError as error:
             errors.append(str(error))
         runs.append((value, run_config, workdir))

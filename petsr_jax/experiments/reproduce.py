@@ -262,7 +262,12 @@ def run_all(settings: Settings, configs: dict, *, progress: bool = True) -> dict
     }
     # Every workdir is checked before the first run starts, so a refusal costs no training.
     for key, config in configs.items():
-        workdir_lib.check_same_run(workdirs[key], config)
+        try:
+            workdir_lib.check_same_run(
+                workdirs[key], config, remedy="Give another --runs folder for these settings"
+            )
+        except workdir_lib.WorkdirError as error:
+            raise ReproduceError(str(error)) from None
     records = {}
     for (model, scale), config in configs.items():
         workdir = workdirs[(model, scale)]

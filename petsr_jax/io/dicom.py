@@ -10,6 +10,7 @@ different slope on every slice).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import datetime
@@ -63,9 +64,24 @@ class SeriesInfo:
 
     uid: str
     description: str
-    modality: str
+    modality: str  # the modality of most of its files
     n_files: int
     files: tuple[Path, ...] = dataclasses.field(repr=False, default=())
+    # Files whose Modality differs from `modality` (a slice re-labelled by an editing tool).
+    odd_files: tuple[tuple[Path, str], ...] = dataclasses.field(repr=False, default=())
+
+    def modality_counts(self) -> str:
+        """`PT` for a series of one modality; `40 PT, 1 CT (slice_0001.dcm)` otherwise."""
+        if not self.odd_files:
+            return self.modality
+        counts = collections.Counter(m for _, m in self.odd_files)
+        names = ", ".join(p.name for p, _ in self.odd_files[:_MAX_NAMES_IN_MESSAGE])
+        more = len(self.odd_files) - _MAX_NAMES_IN_MESSAGE
+        return (
+            f"{self.n_files - len(self.odd_files)} {self.modality}, "
+            + ", ".join(f"{n} {m or '(none)'}" for m, n in counts.most_common())
+            + f" ({names}{f' and {more} more' if more > 0 else ''})"
+        )
 
 
 def list_series(folder) -> list[SeriesInfo]:
@@ -164,21 +180,37 @@ def _sop_class(header: Dataset) -> str:
 
 def _series_info(uid: str, members: list[tuple[Path, Dataset]]) -> SeriesInfo:
     first = members[0][1]
+    modality_of = [(p, str(h.get("Modality", "") or "")) for p, h in members]
+    # The modality of most files, not of the first: one re-labelled slice sorted first must not
+    # make a PET series look like a CT.
+    modality = collections.Counter(m for _, m in modality_of).most_common(1)[0][0]
     return SeriesInfo(
         uid=uid,
         description=str(first.get("SeriesDescription", "")),
-        modality=str(first.get("Modality", "")),
+        modality=modality,
         n_files=len(members),
         files=tuple(p for p, _ in members),
+        odd_files=tuple((p, m) for p, m in modality_of if m != modality),
     )
 
 
 def _series_table(infos: Sequence[SeriesInfo]) -> str:
     return "\n".join(
-        f"  series_uid={i.uid!r}  description={i.description!r}  modality={i.modality}  "
-        f"{i.n_files} files"
+        f"  series_uid={i.uid!r}  description={i.description!r}  "
+        f"modality={i.modality_counts()}  {i.n_files} files"
         for i in infos
     )
+
+
+def _refuse_mixed_modalities(folder: Path, info: SeriesInfo) -> None:
+    """One series holds one modality: a PET series with a file of another is damaged or edited,
+    and reading it would put a non-PET slice into the volume."""
+    if info.odd_files:
+        raise ScanError(
+            f"{folder}: series {info.uid} mixes modalities: {info.modality_counts()}; every "
+            f"file of a series holds the same modality: fix the Modality of the other file(s) "
+            "or remove them from the folder"
+        )
 
 
 def _choose_series(folder: Path, series_uid: str | None) -> list[tuple[Path, Dataset]]:
@@ -201,9 +233,10 @@ def _choose_series(folder: Path, series_uid: str | None) -> list[tuple[Path, Dat
         chosen = _series_info(series_uid, series[series_uid])
         if chosen.modality != "PT":
             raise ScanError(
-                f"{folder}: series {series_uid} has Modality {chosen.modality!r}; expected a "
-                "PET series (Modality PT)"
+                f"{folder}: series {series_uid} has Modality {chosen.modality_counts()!r}; "
+                "expected a PET series (Modality PT)"
             )
+        _refuse_mixed_modalities(folder, chosen)
         return series[series_uid]
     pet = [info for info in infos if info.modality == "PT"]
     if not pet:
@@ -215,6 +248,7 @@ def _choose_series(folder: Path, series_uid: str | None) -> list[tuple[Path, Dat
             f"{folder}: holds {len(pet)} PET series; pass series_uid= to choose one:\n"
             + _series_table(infos)
         )
+    _refuse_mixed_modalities(folder, pet[0])
     if len(infos) > 1:
         warnings.warn(
             f"{folder}: reading the only PET series {pet[0].uid}; ignored the other series:\n"

@@ -132,6 +132,18 @@ def remove_quietly(path: Path) -> None:
         pass
 
 
+def withdraw(outputs: Sequence[Path]) -> list[Path]:
+    """Remove outputs this process has just written, best effort; return those still there.
+
+    For an output whose record (e.g. `activity_changes.json`) cannot be written: an output
+    without its record is removed, so the two stay in step, unless the folder refuses that too
+    (then the caller names what is left).
+    """
+    for path in outputs:
+        remove_quietly(Path(path))
+    return [Path(p) for p in outputs if Path(p).exists() or Path(p).is_symlink()]
+
+
 def write_failed(target: Path, what: str, error: Exception) -> ScanError:
     """The one-line error for an output that could not be written."""
     cause = getattr(error, "strerror", None) or str(error) or type(error).__name__
