@@ -173,6 +173,10 @@ def figure_slices(slices, count: int) -> np.ndarray:
     return np.array(picks, int)
 
 
+# What the slices of a run's figures hold: each volume divided by its maximum (data.normalise).
+VALUE_LABEL = "activity / volume max"
+
+
 def comparison_figure(
     path: Path,
     hr,
@@ -182,33 +186,45 @@ def comparison_figure(
     titles=("bicubic", "model", "original"),
     row_labels=None,
     error_map: bool = True,
+    value_label: str = VALUE_LABEL,
 ) -> Path:
-    """PNG grid: one row per slice, columns bicubic | model | original (| |model − original|)."""
+    """PNG grid: one row per slice, columns bicubic | model | original (| |model − original|).
+
+    The three images of a row share one grey scale (0 to the original's maximum) and the error
+    map has its own; each scale has a colour bar in a column of its own, labelled with
+    `value_label`, so every image panel has the same size and the error map lines up with the
+    others.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = hr.shape[0]
-    cols = 4 if error_map else 3
-    fig, axes = plt.subplots(n, cols, figsize=(3 * cols, 3 * n), squeeze=False)
+    # image, image, image, colour bar (| error map, colour bar)
+    ratios = [1, 1, 1, 0.06] + ([1, 0.06] if error_map else [])
+    fig = plt.figure(figsize=(3 * (4 if error_map else 3) + 1.6, 3 * n), layout="constrained")
+    grid = fig.add_gridspec(n, len(ratios), width_ratios=ratios)
     for i in range(n):
         vmax = float(hr[i].max()) or 1.0
         panels = [lr_up[i], sr[i], hr[i]]
         for j, img in enumerate(panels):
-            axes[i, j].imshow(img, cmap="gray", vmin=0, vmax=vmax)
-            axes[i, j].set_title(titles[j] if i == 0 else "")
+            ax = fig.add_subplot(grid[i, j])
+            grey = ax.imshow(img, cmap="gray", vmin=0, vmax=vmax)
+            ax.set_title(titles[j] if i == 0 else "")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i])
+        fig.colorbar(grey, cax=fig.add_subplot(grid[i, 3]), label=value_label)
         if error_map:
             err = np.abs(sr[i] - hr[i])
-            im = axes[i, 3].imshow(err, cmap="magma", vmin=0, vmax=max(float(err.max()), 1e-6))
-            axes[i, 3].set_title("|model − original|" if i == 0 else "")
-            fig.colorbar(im, ax=axes[i, 3], fraction=0.046)
-        if row_labels is not None:
-            axes[i, 0].set_ylabel(row_labels[i])
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
+            ax = fig.add_subplot(grid[i, 4])
+            im = ax.imshow(err, cmap="magma", vmin=0, vmax=max(float(err.max()), 1e-6))
+            ax.set_title("|model − original|" if i == 0 else "")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, cax=fig.add_subplot(grid[i, 5]), label=f"|error|, {value_label}")
     save_figure_atomic(fig, path, dpi=100)
     plt.close(fig)
     return path
@@ -239,18 +255,51 @@ def read_metrics(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     }
 
 
+# Fewer logged losses than this are drawn as they are; more are smoothed (`smoothed_loss`).
+MIN_POINTS_TO_SMOOTH = 8
+
+
+def smoothed_loss(values) -> np.ndarray:
+    """An exponential moving average of logged losses, over about the last 8 of them (a fifth
+    of a longer run's).
+
+    Each logged loss is one batch's, so consecutive points zig-zag by more than the trend
+    between them. The average is taken of the logarithms (the curve is drawn on a log axis,
+    where a spike would otherwise outweigh the steady points) and corrected for its start at
+    zero, as TensorBoard's smoothing is, so the first points are not pulled down.
+    """
+    values = np.asarray(values, np.float64)
+    span = max(8, len(values) // 5)
+    decay = 1 - 2 / (span + 1)
+    logs = np.log(np.maximum(values, np.finfo(np.float64).tiny))
+    average, out = 0.0, np.empty_like(logs)
+    for t, value in enumerate(logs):
+        average = decay * average + (1 - decay) * value
+        out[t] = average / (1 - decay ** (t + 1))
+    return np.exp(out)
+
+
 def training_curves_figure(runs):
     """Train loss and validation PSNR against step, one line per `(label, workdir)` in `runs`,
-    from each workdir's metrics.jsonl; the validation bicubic PSNR as a dashed line."""
+    from each workdir's metrics.jsonl; the validation bicubic PSNR as a dashed line. A loss
+    logged at `MIN_POINTS_TO_SMOOTH` steps or more is drawn smoothed (`smoothed_loss`), with
+    the logged values as a faint line behind it."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.8))
     ax_loss, ax_psnr = fig.subplots(1, 2)
     baseline = None
+    smoothed = False
     for label, workdir in runs:
         curves = read_metrics(Path(workdir) / METRICS_FILE)
         if "train/loss" in curves:
-            ax_loss.plot(*curves["train/loss"], label=label)
+            steps, loss = curves["train/loss"]
+            if len(loss) >= MIN_POINTS_TO_SMOOTH:
+                (raw,) = ax_loss.plot(steps, loss, alpha=0.25, linewidth=0.8, label="_logged")
+                ax_loss.plot(steps, smoothed_loss(loss), color=raw.get_color(), label=label)
+                smoothed = True
+            else:
+                ax_loss.plot(steps, loss, label=label)
         if "val/sr/psnr" in curves:
             ax_psnr.plot(*curves["val/sr/psnr"], marker=".", label=label)
         if "val/bicubic/psnr" in curves:
@@ -258,7 +307,11 @@ def training_curves_figure(runs):
     if baseline is not None and math.isfinite(baseline):
         ax_psnr.axhline(baseline, color="black", linestyle="--", label="bicubic")
     ax_loss.set_yscale("log")
-    ax_loss.set(xlabel="step", ylabel="train loss (MSE)", title="training loss")
+    ax_loss.set(
+        xlabel="step",
+        ylabel="train loss (MSE of activity / volume max)",
+        title="training loss" + (" (smoothed; faint: as logged)" if smoothed else ""),
+    )
     ax_psnr.set(xlabel="step", ylabel="val PSNR (dB)", title="validation PSNR")
     for ax in (ax_loss, ax_psnr):
         ax.grid(alpha=0.3)
