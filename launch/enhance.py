@@ -136,9 +136,10 @@ def _pooled(all_scores: list[tuple[str, dict]]) -> dict:
 
 
 def _enhance_one(
-    sr, volume, mode: str, progress, t1=None, psf_fwhm_mm=None
+    sr, volume, mode: str, progress, t1=None, psf_fwhm_mm=None, clip: bool = True
 ) -> tuple[io.Volume, dict | None]:
-    """The output volume of one patient and, in reconstruct mode, its scores."""
+    """The output volume of one patient and, in reconstruct mode, its scores. `clip=False`
+    leaves negative activity for the caller to clip on the grid it writes (--resample)."""
     # The network's range, as training saw it: the volume divided by its maximum.
     normalised, factor = data.normalise(volume.data)
     guide = sr.guide_for(t1, volume)
@@ -153,8 +154,11 @@ def _enhance_one(
     else:
         bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress, guide=guide)
         scores = reconstruction_scores(normalised, bicubic, restored)
+    activity = data.denormalise(restored, factor)
+    if not clip:
+        return volume.replace(data=activity), scores
     # Activity is never negative; the clipped voxels are counted for the report.
-    activity, clipped = quantitation.clip_negative(data.denormalise(restored, factor))
+    activity, clipped = quantitation.clip_negative(activity)
     return volume.replace(data=activity, meta={**volume.meta, "clipped_voxels": clipped}), scores
 
 
@@ -248,10 +252,10 @@ def _resampling_note(name: str, volume, model_input, mode: str) -> str:
 
 
 def _on_input_grid(result, volume) -> io.Volume:
-    """The output of a resampled scan on the input's grid, with the input's headers and meta."""
+    """The output of a resampled scan on the input's grid, with the input's headers and meta;
+    negative activity clipped there, so the count is of the voxels written."""
     back = io.resample(result, like=volume)
     activity, clipped = quantitation.clip_negative(back.data)
-    clipped += int(result.meta.get("clipped_voxels", 0))
     return volume.replace(data=activity, meta={**volume.meta, "clipped_voxels": clipped})
 
 
@@ -308,11 +312,14 @@ def run(
             volume = io.read_volume(job.source)
             model_input, guide = _for_model(volume, spacing, t1)
         with tqdm(total=model_input.shape[0], unit="slice", desc=job.name, leave=False) as bar:
-            result, scores = _enhance_one(sr, model_input, mode, bar.update, guide, psf_fwhm_mm)
+            resampled = model_input is not volume
+            result, scores = _enhance_one(
+                sr, model_input, mode, bar.update, guide, psf_fwhm_mm, clip=not resampled
+            )
         if resample:
             tqdm.write(_resampling_note(job.name, volume, model_input, mode))
-            if model_input is not volume:
-                result = _on_input_grid(result, volume)
+        if resampled:
+            result = _on_input_grid(result, volume)
         written = _write(job, result, description)
         for path in written:
             tqdm.write(f"{job.name}: wrote {path}")
