@@ -348,6 +348,11 @@ def test_a_damaged_checkpoint_metadata_file_is_reported(finished, tmp_path):
     workdir = _resumable_copy(finished[0], tmp_path / "run")
     best_step = checkpoint.Checkpoints(workdir).best_step()
     (workdir / "best" / str(best_step) / "params" / "_METADATA").write_text("{not json")
+    # The latest full state is read instead, with a warning naming both.
+    with pytest.warns(UserWarning, match=r"best/\d+ cannot be read; its files .* Using the lat"):
+        params = checkpoint.restore_params(workdir, _params_like(), which="best")
+    _assert_same_params(params, _last_params(workdir))
+    shutil.rmtree(workdir / "checkpoints")  # nothing to fall back to: the damage is the error
     with pytest.raises(checkpoint.CheckpointError, match=r"best/\d+ cannot be read; its files"):
         checkpoint.restore_params(workdir, _params_like(), which="best")
 
