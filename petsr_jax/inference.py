@@ -757,32 +757,41 @@ def activity_warnings(change) -> list[str]:
     total, peak = change.total_change, change.max_change
     if abs(total) > TOTAL_ACTIVITY_TOLERANCE:
         problems.append(
-            f"enhancement changed the total activity by {total * 100:+.1f} percent (more than "
-            f"{TOTAL_ACTIVITY_TOLERANCE:.0%}); super-resolution should move activity, not create "
-            "or remove it: check that the scan fits the model (pixel spacing, resolution, units) "
-            "before using the output for quantitation"
+            f"the output's total activity is {_signed(total)} percent against the input's (more "
+            f"than {TOTAL_ACTIVITY_TOLERANCE:.0%}); super-resolution should move activity, not "
+            "create or remove it: check that the scan fits the model (pixel spacing, resolution, "
+            "units) before using the output for quantitation"
         )
     if peak > MAX_INCREASE_TOLERANCE or peak < -MAX_DECREASE_TOLERANCE:
         bound = MAX_INCREASE_TOLERANCE if peak > 0 else MAX_DECREASE_TOLERANCE
         problems.append(
-            f"enhancement changed the maximum (SUVmax) by {peak * 100:+.1f} percent (more than "
-            f"{bound:.0%} {'up' if peak > 0 else 'down'}); read SUVmax on the input, not on the "
-            "output"
+            f"the output's maximum (SUVmax) is {_signed(peak)} percent against the input's (more "
+            f"than {bound:.0%} {'up' if peak > 0 else 'down'}); read SUVmax on the input, not on "
+            "the output"
         )
     return problems
 
 
+def _signed(fraction: float) -> str:
+    """`+20.4` / `−38.7`: a relative change in percent, with a true minus sign as in
+    `ActivityChange.summary`."""
+    return f"{fraction * 100:+.1f}".replace("-", "−")
+
+
 def score_warnings(scores: dict) -> list[str]:
-    """A model that reconstructs a scan worse than its bicubic input (PSNR, or SSIM) is worth a
-    warning: on that scan the network removes more than it restores."""
-    problems = []
+    """A model that reconstructs a scan worse than its bicubic input (PSNR or SSIM, each named)
+    is worth a warning: on that scan the network removes more than it restores."""
+    below = []
     for metric, unit, digits in (("psnr", " dB", 2), ("ssim", "", 3)):
         model, bicubic = scores.get(f"sr/{metric}"), scores.get(f"bicubic/{metric}")
         if model is not None and bicubic is not None and model < bicubic:
-            problems.append(
-                f"the model scores below bicubic ({metric.upper()} {model:.{digits}f}{unit} "
-                f"against {bicubic:.{digits}f}{unit}): on this scan it loses more than it "
-                "restores; check that the scan fits the model (pixel spacing, resolution, "
-                "noise) before using its output"
+            below.append(
+                f"{metric.upper()} {model:.{digits}f}{unit} against {bicubic:.{digits}f}{unit}"
             )
-    return problems
+    if not below:
+        return []
+    return [
+        f"the model scores below bicubic ({', '.join(below)}): on this scan it loses more than "
+        "it restores; check that the scan fits the model (pixel spacing, resolution, noise) "
+        "before using its output"
+    ]

@@ -174,11 +174,11 @@ def test_large_activity_changes_are_warnings_and_small_ones_are_not():
     assert inference.activity_warnings(_change(1000, 1030, 10, 13.4)) == []
     # The NEMA phantom enhanced as it is: +20.4 percent of activity created.
     (nema,) = inference.activity_warnings(_change(1000, 1204, 10, 9.94))
-    assert "total activity by +20.4 percent" in nema
+    assert "total activity is +20.4 percent against the input's" in nema
     (flattened,) = inference.activity_warnings(_change(1000, 1010, 10, 7.5))
-    assert "maximum (SUVmax) by −25.0 percent".replace("−", "-") in flattened
+    assert "maximum (SUVmax) is −25.0 percent against the input's (more than 10% down)" in flattened
     (raised,) = inference.activity_warnings(_change(1000, 1010, 10, 16))
-    assert "maximum (SUVmax) by +60.0 percent (more than 50% up)" in raised
+    assert "maximum (SUVmax) is +60.0 percent against the input's (more than 50% up)" in raised
 
 
 def test_a_model_below_bicubic_is_a_warning_with_two_decimals():
@@ -186,6 +186,8 @@ def test_a_model_below_bicubic_is_a_warning_with_two_decimals():
     (problem,) = inference.score_warnings(scores)
     assert "PSNR 41.13 dB against 43.91 dB" in problem
     assert inference.score_warnings({**scores, "sr/psnr": 44.0}) == []
+    (both,) = inference.score_warnings({**scores, "sr/ssim": 0.94})
+    assert "(PSNR 41.13 dB against 43.91 dB, SSIM 0.940 against 0.950)" in both
 
 
 # ---------------------------------------------------------------------------- enhance --resample
@@ -233,7 +235,7 @@ def test_enhance_resample_works_at_the_training_spacing_and_writes_on_the_input_
     # Its activity change against the input is a warning exactly when it is large.
     change = json.loads((tmp_path / "out" / "activity_changes.json").read_text())["coarse"]
     large = abs(change["total_change"]) > inference.TOTAL_ACTIVITY_TOLERANCE
-    assert ("warning: coarse: enhancement changed the total activity" in run.stderr) == large
+    assert ("warning: coarse: the output's total activity is" in run.stderr) == large
 
 
 def test_without_resample_the_spacing_warning_is_a_short_warning_line(
