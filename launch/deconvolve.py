@@ -18,13 +18,10 @@ from petsr_jax import cpu
 cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags (no-op on GPUs)
 
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from petsr_jax import cli, deconvolution, io, quantitation  # noqa: E402
-from petsr_jax.io.files import refuse_existing_target  # noqa: E402
-from petsr_jax.io.nifti import is_nifti  # noqa: E402
+from petsr_jax import cli, deconvolution, io  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder or NIfTI file.")
 _OUTPUT = flags.DEFINE_string(
@@ -37,32 +34,13 @@ _PSF_FWHM_AXIAL_MM = flags.DEFINE_float(
 _ITERATIONS = flags.DEFINE_integer("iterations", 10, "Richardson-Lucy iterations.")
 
 
-def run(input_path, output, *, psf_fwhm_mm, iterations, psf_fwhm_axial_mm=None) -> str:
-    """Deconvolve `input_path` and write `output`; return a line saying what was written."""
-    output = Path(output)
-    refuse_existing_target(output, " (choose another --output)")
-    fwhm = psf_fwhm_mm if psf_fwhm_axial_mm is None else (psf_fwhm_mm, psf_fwhm_axial_mm)
-    deconvolution.sigma_voxels(fwhm, (1.0, 1.0, 1.0))  # a bad PSF is refused before reading
-    if iterations < 1:
-        raise deconvolution.DeconvolutionError(f"--iterations must be 1 or more, got {iterations}")
-    volume = io.read_volume(input_path)
-    result = deconvolution.deconvolve(volume, fwhm, iterations)
-    description = f"RL {iterations} it PSF {psf_fwhm_mm:g} mm"
-    if is_nifti(output):
-        io.write_outputs(result, nifti_path=output)
-    else:
-        io.write_outputs(result, dicom_dir=output, series_description=description)
-    change = quantitation.activity_change(volume.data, result.data, units=volume.units)
-    return f"wrote {output} ({description}); activity vs input: {change.summary()}"
-
-
 def main(argv):
     if len(argv) > 1:
         print(f"deconvolve.py: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     try:
         print(
-            run(
+            deconvolution.deconvolve_scan(
                 _INPUT.value,
                 _OUTPUT.value,
                 psf_fwhm_mm=_PSF_FWHM_MM.value,

@@ -33,7 +33,6 @@ from absl import flags  # noqa: E402
 
 from petsr_jax import checkpoint, cli, data, inference, io  # noqa: E402
 from petsr_jax.evaluation import nema  # noqa: E402
-from petsr_jax.io.files import refuse_existing_target  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder or NIfTI file of the phantom.")
 _OUT = flags.DEFINE_string("out", None, "New (or empty) folder for nema.json, nema.md, nema.png.")
@@ -54,36 +53,12 @@ _COMPARE = flags.DEFINE_string(
 )
 
 
-def run(input_path, out_dir, *, true_activity=None, workdir=None, compare_path=None) -> str:
-    """Analyse `input_path` (and its enhancement or `compare_path`), write the report into
-    `out_dir` and return the markdown tables. Nothing is written when anything fails."""
-    if workdir and compare_path:
-        raise nema.NemaError("give --workdir or --compare, not both")
-    out_dir = Path(out_dir)
-    # Refused before minutes of work: an output folder that already holds files.
-    refuse_existing_target(out_dir, " (choose another --out)")
-    volume = io.read_volume(input_path)
-    result = nema.analyse(volume, true_activity)
-    after, labels = None, ("input", "after")
-    if workdir:
-        sr = inference.load(workdir)
-        enhanced = sr(volume)
-        after = nema.analyse(enhanced, result["true_activity"])
-        labels = ("input", f"enhanced ({Path(workdir).name})")
-    elif compare_path:
-        other = io.read_volume(compare_path)
-        after = nema.analyse(other, result["true_activity"])
-        labels = ("input", Path(compare_path).name.removesuffix(".gz").removesuffix(".nii"))
-    nema.write_report(out_dir, result, after=after, labels=labels)
-    return nema.markdown(result, after=after, labels=labels)
-
-
 def main(argv):
     if len(argv) > 1:
         print(f"nema.py: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
     try:
-        tables = run(
+        tables = nema.measure_scan(
             _INPUT.value,
             _OUT.value,
             true_activity=_TRUE_ACTIVITY.value,

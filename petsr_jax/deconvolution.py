@@ -23,6 +23,7 @@ second per iteration.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -112,3 +113,32 @@ def deconvolve(volume: Volume, fwhm_mm, iterations: int, *, progress=None) -> Vo
     return volume.replace(
         data=result.astype(np.float32), meta={**volume.meta, "deconvolution": record}
     )
+
+
+def deconvolve_scan(input_path, output, *, psf_fwhm_mm, iterations, psf_fwhm_axial_mm=None) -> str:
+    """Deconvolve the scan at `input_path` (DICOM series folder or NIfTI file) and write it to
+    `output`: a NIfTI file when the name ends in .nii / .nii.gz, else a new DICOM series folder,
+    in the input's units and geometry, complete or not at all (`io.write_outputs`). A bad PSF
+    or iteration count and an existing output are refused before the scan is read. Returns a
+    line saying what was written and how the total and maximum activity changed.
+    """
+    from petsr_jax import io, quantitation
+    from petsr_jax.io.files import refuse_existing_target
+    from petsr_jax.io.nifti import is_nifti
+
+    output = Path(output)
+    fwhm = psf_fwhm_mm if psf_fwhm_axial_mm is None else (psf_fwhm_mm, psf_fwhm_axial_mm)
+    sigma_voxels(fwhm, (1.0, 1.0, 1.0))
+    if int(iterations) != iterations or iterations < 1:
+        raise DeconvolutionError(f"iterations must be a whole number ≥ 1, got {iterations}")
+    refuse_existing_target(output, " (choose another output)")
+    volume = io.read_volume(input_path)
+    result = deconvolve(volume, fwhm, int(iterations))
+    shown = "/".join(f"{v:g}" for v in np.atleast_1d(fwhm))
+    description = f"RL {int(iterations)} it PSF {shown} mm"
+    if is_nifti(output):
+        io.write_outputs(result, nifti_path=output)
+    else:
+        io.write_outputs(result, dicom_dir=output, series_description=description)
+    change = quantitation.activity_change(volume.data, result.data, units=volume.units)
+    return f"wrote {output} ({description}); activity vs input: {change.summary()}"

@@ -107,29 +107,27 @@ def _launch(*args, cwd):
     )
 
 
-def test_launch_writes_a_nifti_in_the_input_geometry_and_refuses_bad_input(tmp_path):
+def test_deconvolve_scan_writes_a_nifti_in_the_input_geometry(tmp_path):
     data = ndimage.gaussian_filter(np.random.default_rng(3).gamma(2.0, 500.0, (10, 24, 24)), 1.2)
     source = io.write_nifti(Volume(data, (2.5, 2.0, 2.0), units="BQML"), tmp_path / "scan.nii.gz")
     output = tmp_path / "rl.nii.gz"
-    done = _launch(
-        f"--input={source}",
-        f"--output={output}",
-        "--psf_fwhm_mm=4.3",
-        "--iterations=5",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "total +0.0 %" in done.stdout or "total −0.0 %" in done.stdout, done.stdout
+    said = deconvolution.deconvolve_scan(source, output, psf_fwhm_mm=4.3, iterations=5)
+    assert "total +0.0 %" in said or "total −0.0 %" in said, said
     before, after = io.read_volume(source), io.read_volume(output)
     np.testing.assert_allclose(after.affine, before.affine)
     assert after.units == "BQML" and after.shape == before.shape
     expected = deconvolution.deconvolve(before, 4.3, 5).data
     np.testing.assert_allclose(after.data, expected, rtol=1e-5, atol=1e-3)
+    with pytest.raises(io.ScanError, match="already exists"):
+        deconvolution.deconvolve_scan(source, output, psf_fwhm_mm=4.3, iterations=5)
 
+
+def test_launch_refuses_a_bad_psf_with_one_line_and_writes_nothing(tmp_path):
+    source = io.write_nifti(Volume(np.ones((4, 8, 8)), (2.0, 2.0, 2.0)), tmp_path / "scan.nii.gz")
     refused = _launch(
         f"--input={source}", f"--output={tmp_path / 'bad.nii.gz'}", "--psf_fwhm_mm=-1", cwd=tmp_path
     )
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "PSF FWHM" in lines[0], refused.stderr
-    assert not (tmp_path / "bad.nii.gz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.nii.gz"]

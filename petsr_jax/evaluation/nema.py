@@ -879,3 +879,51 @@ def write_report(
     finally:
         remove_quietly(temporary)
     return [out_dir / name for name in FILES]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scans on disk (launch/nema.py)
+
+
+def measure_scan(
+    input_path, out_dir, *, true_activity=None, workdir=None, compare_path=None
+) -> str:
+    """Analyse the scan at `input_path` (a DICOM series folder or NIfTI file) and write the
+    report into `out_dir` (`write_report`); return the markdown tables.
+
+    `workdir` also enhances the scan with that trained run (`petsr_jax.load(workdir)(volume)`),
+    `compare_path` reads another scan of the phantom (an enhanced or deconvolved one); either is
+    analysed against the input's true activity and compared. An existing `out_dir` that is not
+    empty is refused before any work; nothing is written when anything fails, and a refusal
+    names the scan it refused.
+    """
+    from petsr_jax import io
+
+    if workdir and compare_path:
+        raise NemaError("give a workdir to enhance with or a scan to compare with, not both")
+    out_dir = Path(out_dir)
+    refuse_existing_target(out_dir, " (choose another output folder)")
+    volume = io.read_volume(input_path)
+    result = _analyse_named(volume, true_activity, str(input_path))
+    after, labels = None, ("input", "after")
+    if workdir:
+        from petsr_jax.inference import load
+
+        enhanced = load(workdir)(volume)
+        name = f"{input_path} enhanced by {workdir}"
+        after = _analyse_named(enhanced, result["true_activity"], name)
+        labels = ("input", f"enhanced ({Path(workdir).name})")
+    elif compare_path:
+        other = io.read_volume(compare_path)
+        after = _analyse_named(other, result["true_activity"], str(compare_path))
+        labels = ("input", Path(compare_path).name.removesuffix(".gz").removesuffix(".nii"))
+    write_report(out_dir, result, after=after, labels=labels)
+    return markdown(result, after=after, labels=labels)
+
+
+def _analyse_named(volume, true_activity, name: str) -> dict:
+    """`analyse`, its refusal naming the scan it refused."""
+    try:
+        return analyse(volume, true_activity)
+    except NemaError as error:
+        raise NemaError(f"{name}: {error}") from None
