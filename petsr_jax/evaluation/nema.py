@@ -175,9 +175,10 @@ def analyse(volume: Volume, true_activity: float | None = None, *, wall_mm: floa
         raise NemaError(f"a NEMA phantom scan needs a 3D volume, got shape {data.shape}")
     if not np.all(np.isfinite(data)):
         raise NemaError("the scan holds NaN or infinite values")
+    if true_activity is not None and not float(true_activity) > 0:
+        raise NemaError(f"the true sphere activity must be positive, got {true_activity:g}")
     smooth = ndimage.gaussian_filter(data, _DETECT_SIGMA_MM / spacing)
-    level = _background_level(smooth)
-    body = _body_mask(smooth, level)
+    body = _body_mask(smooth, _background_level(smooth))
     plane = _sphere_plane(smooth, body)
     ring = _match_ring(smooth[plane], body[plane], spacing[1:])
     radii = np.array(DIAMETERS_MM) / 2
@@ -190,6 +191,7 @@ def analyse(volume: Volume, true_activity: float | None = None, *, wall_mm: floa
             "no background region found away from the spheres, lung insert and body edge; "
             "the phantom body is too small or cut by the field of view"
         )
+    # From here on, the background's level and the noise of the smoothed copy.
     noise_sd = float(np.std(smooth[rough]))
     level = float(np.mean(data[rough]))
 
@@ -253,7 +255,7 @@ def analyse(volume: Volume, true_activity: float | None = None, *, wall_mm: floa
     else:
         truth, source = float(true_activity), "given"
     if not truth > 0:
-        raise NemaError(f"the true sphere activity must be positive, got {truth:g}")
+        raise NemaError(f"the 37 mm sphere's fitted activity {truth:g} is not positive")
     spheres = [
         _sphere_record(volume, data, spacing, fit, radius, diameter, bg_mean, truth, wall_mm, i)
         for i, (fit, radius, diameter) in enumerate(zip(fits, radii, DIAMETERS_MM, strict=True))
