@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -31,7 +32,9 @@ from petsr_jax import config as config_lib
 
 # The scale the variants' workdir names are shown at (the README's runs are 8×).
 _HELP_SCALE = 8
-_HELP_FLAGS = {"--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml"}
+# Help lines are wrapped to this many characters, as absl wraps the flags' help below them.
+_HELP_WIDTH = 96
+_HELP_FLAGS = {"--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull"}
 
 
 def _training_command(model: str, arg: str) -> str:
@@ -73,10 +76,13 @@ def variants_help() -> str:
         "overrides (configs/deepsr.py and configs/srcnn.py define them in VARIANTS); each with",
         f"the workdirs it trains into at scale={_HELP_SCALE} (DeepSR, SRCNN):",
     ]
+    indent = " " * (width + 4)
     for name, workdirs in sorted(by_variant.items()):
         about = config_lib.FLAG_HELP.get(name, "see VARIANTS in the config files")
-        lines.append(f"  {name:<{width}}  {about}")
-        lines.append(f"  {'':<{width}}  -> {', '.join(workdirs)}")
+        wrapped = textwrap.wrap(about, _HELP_WIDTH - len(indent))
+        lines.append(f"  {name:<{width}}  {wrapped[0]}")
+        lines += [indent + more for more in wrapped[1:]]
+        lines.append(f"{indent}-> {', '.join(workdirs)}")
     lines.append(f"  {'(none)':<{width}}  the paper protocol (20×64 DeepSR, 50 epochs): a GPU job")
     return "\n".join(lines) + "\n"
 
