@@ -36,7 +36,7 @@ MODELS = ("srcnn", "deepsr")
 # The bare flags every config file offers, each a variant defined in the file's `VARIANTS`:
 # `quick` (a 2-core CPU, minutes), `tiny` (unit tests), `paper` (the authors' data domain and
 # training), `gpu` (one GPU, bfloat16) and `mr` (the co-registered T1 as a second input channel).
-FLAGS = ("gpu", "mr", "paper", "quick", "tiny")
+FLAGS = ("gpu", "mr", "paper", "quick", "scanner", "tiny")
 
 # What each flag is for, in one line: the launch scripts' `--help` lists the variants the config
 # files define (their `VARIANTS`, the fields each sets) with these lines beside them.
@@ -45,6 +45,8 @@ FLAG_HELP = {
     "gpu": "one GPU: bfloat16 compute, whole 384² slices, batch 16",
     "paper": "the authors' protocol: 8-bit data domain, batch 16, no flips, final weights",
     "mr": "MR-guided: the co-registered T1 as a second input channel",
+    "scanner": "train on what scanners produce: 3D PSF + noise of random shape phantoms, "
+    "3 slices in, activity kept per block (for enhancing real scans)",
     "tiny": "the tests' size: the tiny cohort (4 × 8 slices of 32²), a few steps",
 }
 
@@ -131,6 +133,42 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "t1": False,
             # Two more channels: distance from the slice centre and position along the axis.
             "coordinates": False,
+        }
+    )
+    # What the network learns to undo, and what its output must keep (petsr_jax.task).
+    c.task = ml_collections.ConfigDict(
+        {
+            # "bicubic": the paper's bicubic ↓↑ ×scale; "scanner": a clinical reconstruction's
+            # 3D PSF and noise (the `scanner` fields), the target a finer noise-free image.
+            "degradation": "bicubic",
+            # Neighbouring slices each side fed as input channels (2.5D); 0 = one slice (2D).
+            "context": 0,
+            # "block": the output made non-negative and rescaled so each block of pixels holds
+            # the input's activity (super-resolution moves activity, never creates it);
+            # "none": the network's output as it is (the paper's).
+            "consistency": "none",
+            # Block side in pixels; 0 = the scale (bicubic) or scanner.block (scanner).
+            "consistency_block": 0,
+        }
+    )
+    # The scanner degradation (task.degradation="scanner"): per training slice a PSF FWHM and
+    # a noise level drawn from these ranges; the target is blurred by target_ratio × the PSF.
+    c.scanner = ml_collections.ConfigDict(
+        {
+            "fwhm_min_mm": 3.0,  # clinical PET: 3 (digital, PSF-OSEM) to 6 mm (older, FBP)
+            "fwhm_max_mm": 6.0,
+            "target_ratio": 0.5,
+            # Voxel CoV of a uniform background at the slice's mean activity level.
+            "noise_min": 0.02,
+            "noise_max": 0.4,
+            "noise_fwhm_px": 1.5,  # OSEM noise is correlated over a few pixels
+            # What enhancement assumes when a scan's FWHM is not given (--psf_fwhm_mm).
+            "nominal_fwhm_mm": 4.5,
+            "block": 4,  # the activity-consistency block of a scanner task, in pixels
+            # Training data when data.root is empty: "phantoms" (random shape phantoms,
+            # petsr_jax.sim.phantoms) or "cohort" (the data.cohort preset's scans).
+            "data": "phantoms",
+            "phantoms": 20,  # how many (train/val/test 16/2/2 of 20)
         }
     )
     c.train = ml_collections.ConfigDict(
@@ -425,6 +463,7 @@ def validate(config, num_devices: int | None = None) -> None:
     if m.num_blocks < 0 or m.width < 1 or m.in_channels < 1:
         errors.append("model.num_blocks must be ≥ 0, model.width and model.in_channels ≥ 1")
     errors += _mr_problems(config)
+    errors += _task_problems(config)
     if config.compute_dtype not in ("float32", "bfloat16", "float16"):
         errors.append(
             f"compute_dtype: expected float32|bfloat16|float16, got {config.compute_dtype!r}"
@@ -440,7 +479,11 @@ def validate(config, num_devices: int | None = None) -> None:
     else:
         from petsr_jax.sim import PRESETS
 
-        if config.data.cohort not in PRESETS:
+        if config.task.degradation == "scanner" and config.scanner.data == "phantoms":
+            from petsr_jax.sim import phantoms
+
+            size = phantoms.SIZE
+        elif config.data.cohort not in PRESETS:
             errors.append(
                 f"data.cohort: expected one of {sorted(PRESETS)}, got {config.data.cohort!r}"
             )
@@ -485,6 +528,49 @@ def validate(config, num_devices: int | None = None) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
+def _task_problems(config) -> list[str]:
+    """The task fields: a degradation, context or consistency the data domain cannot carry,
+    and scanner ranges that cannot be drawn from."""
+    from petsr_jax.task import CONSISTENCY, DEGRADATIONS
+
+    t, s, problems = config.task, config.scanner, []
+    if t.degradation not in DEGRADATIONS:
+        problems.append(f"task.degradation: expected one of {DEGRADATIONS}, got {t.degradation!r}")
+    if t.consistency not in CONSISTENCY:
+        problems.append(f"task.consistency: expected one of {CONSISTENCY}, got {t.consistency!r}")
+    if t.context < 0 or t.consistency_block < 0:
+        problems.append("task.context and task.consistency_block must be ≥ 0")
+    if config.data.domain == "paper" and (
+        t.degradation != "bicubic" or t.context or t.consistency != "none"
+    ):
+        problems.append(
+            "data.domain=paper is the authors' 2D bicubic protocol on 8-bit slices: it takes "
+            "task.degradation=bicubic, task.context=0 and task.consistency=none (activity is not "
+            "defined on min–max scaled slices); use data.domain=physical"
+        )
+    if t.degradation == "scanner":
+        if not 0 < s.fwhm_min_mm <= s.fwhm_max_mm:
+            problems.append("scanner.fwhm_min_mm must be > 0 and ≤ scanner.fwhm_max_mm")
+        if not 0 <= s.noise_min <= s.noise_max:
+            problems.append("scanner.noise_min must be ≥ 0 and ≤ scanner.noise_max")
+        if not 0 < s.target_ratio < 1:
+            problems.append(
+                f"scanner.target_ratio: the target's PSF is this fraction of the input's; "
+                f"expected between 0 and 1, got {s.target_ratio}"
+            )
+        if s.data not in ("phantoms", "cohort"):
+            problems.append(f"scanner.data: expected phantoms or cohort, got {s.data!r}")
+        if s.phantoms < 3:
+            problems.append(
+                f"scanner.phantoms: train, val and test need 3 or more, got {s.phantoms}"
+            )
+        if s.block < 1 or s.noise_fwhm_px < 0 or s.nominal_fwhm_mm <= 0:
+            problems.append(
+                "scanner.block must be ≥ 1, scanner.noise_fwhm_px ≥ 0, nominal_fwhm_mm > 0"
+            )
+    return problems
+
+
 def _mr_problems(config) -> list[str]:
     """The MR guidance fields against the network's input channels: a mismatch would only
     surface as a shape error deep inside the first train step."""
@@ -496,9 +582,10 @@ def _mr_problems(config) -> list[str]:
     expected = input_channels(config)
     if config.model.in_channels != expected:
         problems.append(
-            f"model.in_channels: {config.model.in_channels}, but mr.t1={config.mr.t1} and "
-            f"mr.coordinates={config.mr.coordinates} feed {expected} channels (PET, T1, radial, "
-            f"axial as set); set model.in_channels={expected}"
+            f"model.in_channels: {config.model.in_channels}, but task.context="
+            f"{config.task.context}, task.degradation={config.task.degradation}, mr.t1="
+            f"{config.mr.t1} and mr.coordinates={config.mr.coordinates} feed {expected} channels "
+            f"(PET slices, T1, radial, axial, FWHM as set); set model.in_channels={expected}"
         )
     return problems
 

@@ -47,11 +47,11 @@ from petsr_jax import checkpoint, data, quantitation
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.config import base_config
 from petsr_jax.data import mr as mr_guidance
-from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation.predict import map_batches
 from petsr_jax.io.geometry import affine_in
 from petsr_jax.io.units import is_activity_concentration
 from petsr_jax.models import abstract_params, create_model
+from petsr_jax.task import Task
 from petsr_jax.volume import Volume
 
 MODES = ("enhance", "reconstruct")
@@ -250,14 +250,13 @@ def _as_slices(x) -> tuple[np.ndarray, Callable]:
     )
 
 
-def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress, guide=None) -> tuple:
-    """`fn(params, {"hr": nhwc[, "guide"]})` over `[N, H, W]` slices with the one batched loop;
-    `[N, H, W]` outputs."""
+def _run_in_batches(fn, params, slices: np.ndarray, batch_size: int, progress, **extra) -> tuple:
+    """`fn(params, {"hr": nhwc, **extra})` over `[N, H, W]` slices with the one batched loop
+    (`extra`: per-slice `guide`, `context`; None entries left out); `[N, H, W]` outputs."""
     if not len(slices):
-        return (np.empty(slices.shape, np.float32),) * 2
-    inputs = {"hr": slices[..., None]}
-    if guide is not None:
-        inputs["guide"] = guide
+        return (np.empty(slices.shape, np.float32),) * 3
+    inputs = {"hr": slices[..., None], "index": np.arange(len(slices), dtype=np.int32)}
+    inputs.update({k: v for k, v in extra.items() if v is not None})
     result = map_batches(fn, params, inputs, batch_size=batch_size, progress=progress)
     result = result if isinstance(result, tuple) else (result,)
     return tuple(r[..., 0] for r in result)
@@ -288,23 +287,17 @@ class SuperResolver:
         self.batch_size = int(batch_size or config.eval.batch_size)
         if self.batch_size < 1:
             raise InferenceError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        # What the network was trained to do (degradation, neighbouring slices, MR guidance,
+        # activity kept), in the training data's voxels: one object with training's.
+        self.task = Task.from_config(config, spacing_mm=_training_spacing(data_info))
         # "physical": each volume / its maximum; "paper": each slice min–max to 8-bit levels
         # (data.to_domain), as the model was trained.
-        self.domain = str(config.data.get("domain", "physical"))
+        self.domain = self.task.degradation.domain
         # MR guidance channels the model was trained with (none for a PET-only model).
-        self.guidance = mr_guidance.guidance_channels(config)
-        model, scale, domain = self.model, self.scale, self.domain
-
-        def enhance(p, batch):
-            return model.apply({"params": p}, mr_guidance.network_input(batch["hr"], batch))
-
-        def reconstruct(p, batch):
-            lr_up = degrade(batch["hr"], scale, domain)
-            return lr_up, model.apply({"params": p}, mr_guidance.network_input(lr_up, batch))
-
-        self._enhance = jax.jit(enhance)
-
-        self._reconstruct = jax.jit(reconstruct)
+        self.guidance = self.task.guidance
+        model, task = self.model, self.task
+        self._enhance = jax.jit(lambda p, batch, fwhm_px: task.enhance(model, p, batch, fwhm_px))
+        self._reconstruct = jax.jit(lambda p, batch: task.predict(model, p, batch)[:2])
 
     def __repr__(self) -> str:
         where = f", workdir={str(self.workdir)!r}" if self.workdir else ""
@@ -339,12 +332,10 @@ class SuperResolver:
                 "enhance without mr= / --mr, or use a workdir trained with the mr flag"
             )
         in_channels = int(self.config.model.get("in_channels", 1))
-        if in_channels != 1 + len(self.guidance):
+        if in_channels != self.task.input_channels:
             raise IncompatibleInput(
                 f"the model takes {in_channels} input channels (config model.in_channels) but "
-                f"enhancement supplies {1 + len(self.guidance)} (PET"
-                + "".join(f", {c}" for c in self.guidance)
-                + ")"
+                f"its task ({self.task.describe()}) supplies {self.task.input_channels}"
             )
 
     def guide_for(self, t1, like) -> np.ndarray | None:
@@ -490,29 +481,77 @@ class SuperResolver:
 
     # -- the two modes ----------------------------------------------------------------------
 
+    def fwhm_pixels(self, x, psf_fwhm_mm: float | None = None) -> float | None:
+        """The scan's resolution in its own pixels, which a scanner-trained model is told: the
+        PSF FWHM given (mm), else the config's `scanner.nominal_fwhm_mm` (with a warning), over
+        the scan's pixel size (a Volume's, else the training data's). None for other models."""
+        if not self.task.degradation.conditioned:
+            return None
+        if psf_fwhm_mm is None:
+            psf_fwhm_mm = float(self.config.scanner.nominal_fwhm_mm)
+            warnings.warn(
+                f"the scan's resolution was not given; assuming a PSF of {psf_fwhm_mm:g} mm FWHM "
+                "(config scanner.nominal_fwhm_mm): pass psf_fwhm_mm= / --psf_fwhm_mm= with your "
+                "scanner's and reconstruction's FWHM",
+                stacklevel=3,
+            )
+        if not psf_fwhm_mm > 0:
+            raise InferenceError(f"psf_fwhm_mm must be a positive FWHM in mm, got {psf_fwhm_mm}")
+        pixel_mm = (
+            float(np.mean(x.spacing[1:]))
+            if isinstance(x, Volume)
+            else self.task.degradation.pixel_mm
+        )
+        return psf_fwhm_mm / pixel_mm
+
     def enhance_normalised(
-        self, slices, *, batch_size=None, progress=None, guide=None
+        self, slices, *, batch_size=None, progress=None, guide=None, fwhm_px=None
     ) -> np.ndarray:
         """The network applied to `[N, H, W]` slices of volumes divided by their maximum (as
         `data.normalise` and evaluation hold them); the result in the same range. `guide` is an
-        MR-guided model's `[N, H, W, C]` channels (`guide_for`)."""
+        MR-guided model's `[N, H, W, C]` channels (`guide_for`); `fwhm_px` a scanner-trained
+        model's input resolution (`fwhm_pixels`). The slices are one volume, in order: a 2.5D
+        model takes each slice's neighbours from them."""
         self._check_channels(guide is not None)
         encoded, low, span = data.to_domain(slices, self.domain)
+        context = self._context(encoded, self.task.context)
+        fwhm = np.float32(0.0 if fwhm_px is None else fwhm_px)
+        if self.task.degradation.conditioned and fwhm_px is None:
+            raise InferenceError("a scanner-trained model needs fwhm_px (see fwhm_pixels)")
         out, *_ = _run_in_batches(
-            self._enhance, self.params, encoded, batch_size or self.batch_size, progress, guide
+            lambda p, batch: (self._enhance(p, batch, fwhm),),
+            self.params,
+            encoded,
+            batch_size or self.batch_size,
+            progress,
+            guide=guide,
+            context=context,
         )
         return data.from_domain(out, low, span)
 
     def reconstruct_normalised(self, slices, *, batch_size=None, progress=None, guide=None):
-        """(bicubic, sr) for `[N, H, W]` normalised slices: `degrade(·, scale)`, then the net,
-        in the model's domain and mapped back to the range of `slices`. `guide` as in
-        `enhance_normalised`: the T1 is not degraded."""
+        """(degraded, sr) for `[N, H, W]` normalised slices of one volume: the task's
+        degradation (bicubic ×scale, or a scanner's PSF and noise), then the net, in the model's
+        domain and mapped back to the range of `slices`. `guide` as in `enhance_normalised`:
+        the T1 is not degraded."""
         self._check_channels(guide is not None)
         encoded, low, span = data.to_domain(slices, self.domain)
         bicubic, sr = _run_in_batches(
-            self._reconstruct, self.params, encoded, batch_size or self.batch_size, progress, guide
+            self._reconstruct,
+            self.params,
+            encoded,
+            batch_size or self.batch_size,
+            progress,
+            guide=guide,
+            context=self._context(encoded, self.task.neighbours),
         )
         return data.from_domain(bicubic, low, span), data.from_domain(sr, low, span)
+
+    @staticmethod
+    def _context(slices: np.ndarray, neighbours: int) -> np.ndarray | None:
+        if not neighbours:
+            return None
+        return data.context_slices(slices, np.arange(len(slices)), neighbours)
 
     def _prepare(self, x, mr, check_units: bool):
         """What both modes start from: `x` checked (warnings for what cannot be), its T1
@@ -533,19 +572,27 @@ class SuperResolver:
         check_units: bool = True,
         batch_size: int | None = None,
         progress=None,
+        psf_fwhm_mm: float | None = None,
     ):
         """Enhance `x` (slice, stack or Volume) at its own resolution; same kind and units.
 
         A Volume is checked first (`check_input`: refused when its modality or the quantity
         its units hold do not fit, unless `check_units=False`; warnings for a change of unit
         and what cannot be checked). `mr` is the T1 of `x` (same kind and grid) for a model
-        trained with MR guidance, refused by any other. `progress(n)` is called after every `n`
-        slices. Negative activity in the result is clipped to 0 (`quantitation.clip_negative`);
-        a Volume result counts the clipped voxels in `meta["clipped_voxels"]`.
+        trained with MR guidance, refused by any other. `psf_fwhm_mm` is the scan's resolution
+        for a model trained on scanner degradations (`fwhm_pixels`). `progress(n)` is called
+        after every `n` slices. Negative activity in the result is clipped to 0
+        (`quantitation.clip_negative`); a Volume result counts the clipped voxels in
+        `meta["clipped_voxels"]`. A model trained with `task.consistency=block` keeps the
+        input's activity in every block of pixels.
         """
         rebuild, normalised, factor, guide = self._prepare(x, mr, check_units)
         out = self.enhance_normalised(
-            normalised, batch_size=batch_size, progress=progress, guide=guide
+            normalised,
+            batch_size=batch_size,
+            progress=progress,
+            guide=guide,
+            fwhm_px=self.fwhm_pixels(x, psf_fwhm_mm),
         )
         return _physical(rebuild, data.denormalise(out, factor))
 
@@ -582,6 +629,15 @@ def _physical(rebuild: Callable, activity: np.ndarray):
     if isinstance(result, Volume):
         result = result.replace(meta={**result.meta, "clipped_voxels": clipped})
     return result
+
+
+def _training_spacing(data_info: dict | None) -> tuple[float, float, float] | None:
+    """The training data's (slice, row, column) voxel size from data_info.json, or None."""
+    info = data_info or {}
+    if info.get("voxel_spacing_mm"):
+        return tuple(float(v) for v in info["voxel_spacing_mm"])
+    pixel = info.get("pixel_spacing_mm")
+    return None if not pixel else (float(np.mean(pixel)), float(pixel[0]), float(pixel[1]))
 
 
 def _modality_refusal(volume: Volume, name: str) -> str | None:
@@ -729,6 +785,7 @@ def series_number(volume: Volume) -> int | None:
         return int(number) + _SERIES_NUMBER_OFFSET
     except (TypeError, ValueError):
         return None
+
 
 # --------------------------------------------------------------------------------------------
 # Results a user should stop at (launch/enhance.py prints them as warnings)

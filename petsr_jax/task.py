@@ -124,6 +124,11 @@ class Bicubic:
     def describe(self) -> str:
         return f"bicubic ×{self.scale}"
 
+    @property
+    def label(self) -> str:
+        """A few characters for progress bars and logs."""
+        return f"{self.scale}x"
+
 
 @dataclasses.dataclass(frozen=True)
 class Scanner:
@@ -187,6 +192,8 @@ class Scanner:
         level_b = jnp.sum(centre**2, axis=(1, 2)) / jnp.maximum(jnp.sum(centre, axis=(1, 2)), 1e-12)
         std = level[:, None, None, None] * jnp.sqrt(activity * level_b[:, None, None, None])
         return std * smooth
+
+    label = "scanner"
 
     def describe(self) -> str:
         return (

@@ -29,15 +29,14 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from petsr_jax import checkpoint, data, files, sharding
 from petsr_jax import workdir as workdir_lib
 from petsr_jax.data import mr
-from petsr_jax.data.degrade import degrade
 from petsr_jax.evaluation import evaluate, report
 from petsr_jax.models import conv_module, count_params, create_model
+from petsr_jax.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -71,28 +70,30 @@ def init_state(config, model, tx) -> TrainState:
     )
 
 
-def mse_loss(params, model, hr, scale: int, domain: str = "physical", guide=None):
-    """MSE between the network's output for the bicubic-degraded `hr` and `hr` itself.
+def mse_loss(params, model, task: Task, batch, keys):
+    """MSE between the network's output for the degraded batch and the task's target.
 
-    `hr` is already in the run's domain (`data.to_domain`); `degrade` makes the input there.
-    `guide` (an MR-guided run's `[N, H, W, C]` T1 and coordinates) joins the input undegraded.
+    `batch["hr"]` is already in the run's domain (`data.to_domain`); `task` degrades it (and
+    its neighbours, `batch["context"]`) with one PRNG key per image, and MR guidance
+    (`batch["guide"]`) joins the input undegraded.
     """
-    lr_up = degrade(hr, scale, domain)
-    sr = model.apply({"params": params}, mr.network_input(lr_up, {"guide": guide}))
-    return jnp.mean(jnp.square(sr - hr))
+    return task.loss(model, params, batch, keys)
 
 
-def make_train_step(model, tx, scale: int, domain: str = "physical"):
-    """The pure train step for a model, optimizer, scale and data domain (jit it with
-    `jit_train_step`)."""
+def make_train_step(model, tx, task: Task):
+    """The pure train step for a model, optimizer and task (jit it with `jit_train_step`).
+
+    The state's PRNG key draws the step's stochastic degradation (a scanner's PSF and noise,
+    one draw per image) and is split every step, so a resumed run draws what an uninterrupted
+    one would.
+    """
 
     def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(mse_loss)(
-            state.params, model, batch["hr"], scale, domain, batch.get("guide")
-        )
+        rng, step_rng = jax.random.split(state.rng)
+        keys = jax.random.split(step_rng, batch["hr"].shape[0])
+        loss, grads = jax.value_and_grad(mse_loss)(state.params, model, task, batch, keys)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        rng, _ = jax.random.split(state.rng)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
@@ -310,7 +311,7 @@ class ThroughputMeter:
         return (steps * self.batch_size / max(seconds, 1e-9), steps) if training_only else None
 
 
-def _regional(params, root: Path, patients: list[str], config, model) -> dict | None:
+def _regional(params, root: Path, patients: list[str], config, model, task) -> dict | None:
     """Grey-matter and lesion activity recovery of the test patients (None without tissue or
     lesion maps): what PSNR cannot show, e.g. an MR-guided model erasing a PET-only lesion."""
     from petsr_jax.evaluation import regional
@@ -320,11 +321,9 @@ def _regional(params, root: Path, patients: list[str], config, model) -> dict | 
         root,
         patients,
         model=model,
-        scale=config.scale,
+        task=task,
         mesh=sharding.make_mesh(jax.local_devices()),
         batch_size=config.eval.batch_size,
-        domain=config.data.domain,
-        guidance=mr.guidance_channels(config),
     )
     if not recovery["rows"]:
         return None
@@ -356,25 +355,33 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
 
     root = data.resolve_root(config)
     split = data.resolve_split(config, root)
-    guidance = mr.guidance_channels(config)
-    train_set = data.build_slice_set(root, split["train"], eval_split=False, guidance=guidance)
-    val_set = data.build_slice_set(
-        root, split["val"], eval_split=True, rule=config.data.eval_slices, guidance=guidance
+    # The neighbours a task needs do not depend on the data's voxel size, its PSF in voxels does.
+    neighbours = Task.from_config(config, spacing_mm=(1.0, 1.0, 1.0)).neighbours
+    sets = {
+        name: data.build_slice_set(
+            root,
+            split[name],
+            eval_split=name != "train",
+            rule=config.data.eval_slices,
+            guidance=mr.guidance_channels(config),
+            neighbours=neighbours,
+        )
+        # Test read before training too (cached, memory-mapped): a test scan or T1 that cannot
+        # be used stops the run now, not after hours of training.
+        for name in ("train", "val", "test")
+    }
+    train_set, val_set, test_set = sets["train"], sets["val"], sets["test"]
+    data.slices.check_run_sets(
+        root, config.train.batch_size, train=train_set, val=val_set, test=test_set
     )
-    # Read before training (cached, memory-mapped): a test scan or T1 that cannot be used stops
-    # the run now, not after hours of training.
-    test_set = data.build_slice_set(
-        root, split["test"], eval_split=True, rule=config.data.eval_slices, guidance=guidance
-    )
-    _say_how_slices_are_scored(root, val_set, config.data.eval_slices)
+    task = Task.from_config(config, spacing_mm=train_set.voxel_spacing)
+    if not (config.task.degradation == "scanner" and config.scanner.data == "phantoms"):
+        _say_how_slices_are_scored(root, val_set, config.data.eval_slices)  # phantoms: no brain
     steps_per_epoch, total_steps = _steps(config, len(train_set))
     eval_every = config.train.eval_every_steps or steps_per_epoch
     ckpt_every = config.train.checkpoint_every_steps or steps_per_epoch
 
     # A run interrupted while writing its outputs has results.json but not all of the rest; it
-    data.slices.check_run_sets(
-        root, config.train.batch_size, train=train_set, val=val_set, test=test_set
-    )
     # is evaluated again from its final checkpoint (no training) and its outputs rewritten.
     # A finished run scored with other evaluation settings is scored again, not retrained.
     recorded = workdir_lib.recorded_config(workdir)
@@ -398,6 +405,8 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
                 "units": train_set.units,
                 "image_size": list(train_set.hr.shape[1:]),
                 "pixel_spacing_mm": None if spacing is None else list(spacing),
+                # The voxel size a scanner task's PSF was converted with (slice, row, column).
+                "voxel_spacing_mm": train_set.voxel_spacing,
                 "root": str(root),
             },
         )
@@ -414,14 +423,8 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
     check_free_space(workdir, state, config.train.keep_checkpoints)
     ckpts = checkpoint.Checkpoints(workdir, keep=config.train.keep_checkpoints)
 
-    source = data.SliceSource(
-        data.cache_path_of(train_set),
-        None if data.cache_path_of(train_set) else np.asarray(train_set.hr),
-        guide_path=getattr(train_set.guide, "filename", None),
-        guide=None if getattr(train_set.guide, "filename", None) else train_set.guide,
-    )
     ds = data.train_dataset(
-        source,
+        data.SliceSource.of(train_set),
         batch_size=config.train.batch_size,
         seed=config.seed,
         crop_size=config.data.crop_size,
@@ -438,8 +441,8 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         train_iter.set_state(iter_state)
         log.info("resumed from step %d of %s", start_step, workdir)
 
+    step_fn = jit_train_step(make_train_step(model, tx, task), mesh)
     _drop_metrics_after(workdir, start_step)  # a resumed run logs those steps again
-    step_fn = jit_train_step(make_train_step(model, tx, config.scale, config.data.domain), mesh)
     writer = _MetricWriter(workdir)
     n_params = count_params(state.params)
     bar = None
@@ -451,7 +454,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
             initial=start_step,
             unit="step",
             dynamic_ncols=True,
-            desc=f"{config.model.name} {config.scale}x",
+            desc=f"{config.model.name} {task.degradation.label}",
         )
     # Wall time of training (validation included), carried across resumptions through a sidecar
     # written with each checkpoint; time after the last checkpoint of a killed run is not counted.
@@ -482,7 +485,13 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
             if step % eval_every == 0 or step == total_steps:
                 val = evaluate.summarise(
                     evaluate.evaluate_run(
-                        state.params, val_set, config, model=model, mesh=mesh, with_lpips=False
+                        state.params,
+                        val_set,
+                        config,
+                        model=model,
+                        task=task,
+                        mesh=mesh,
+                        with_lpips=False,
                     ),
                     val_set.patient,
                 )
@@ -529,7 +538,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         params, best_step = state.params, total_steps
     ckpts.close()
 
-    scores = evaluate.evaluate_run(params, test_set, config, model=model, mesh=mesh)
+    scores = evaluate.evaluate_run(params, test_set, config, model=model, task=task, mesh=mesh)
     results = {
         "model": config.model.name,
         "scale": config.scale,
@@ -537,6 +546,8 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         "best_step": int(best_step),
         "weights": config.eval.weights,
         "domain": config.data.domain,
+        "degradation": config.task.degradation,
+        "task": task.describe(),
         "num_params": n_params,
         "brain_mask": test_set.mask is not None,
         "eval_slices": data.eval_slices_description(
@@ -545,7 +556,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
         "train_time_s": round(time_before + time.perf_counter() - loop_start, 1),
         "test": evaluate.summarise(scores, test_set.patient),
     }
-    results["regional"] = _regional(params, root, split["test"], config, model)
+    results["regional"] = _regional(params, root, split["test"], config, model, task)
     if _is_primary():
         # The figure is predicted on this process's own devices from a host copy of the params:
         # a computation on the global mesh would wait for the other processes, which do not
@@ -557,6 +568,7 @@ def _train_and_evaluate(config, workdir: Path, progress: bool) -> dict:
             jax.device_get(params),
             test_set,
             model=model,
+            task=task,
             mesh=sharding.make_mesh(jax.local_devices()),
             scores=scores,
         )

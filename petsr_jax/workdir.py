@@ -42,7 +42,7 @@ import time
 import uuid
 from pathlib import Path
 
-from petsr_jax.config import flatten
+from petsr_jax.config import MODELS, base_config, flatten
 from petsr_jax.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,31 @@ def _comparable(config_or_record) -> dict:
     return flat
 
 
+def _with_added_defaults(recorded: dict) -> dict:
+    """A recorded config.json with the fields it lacks filled from `base_config`'s defaults."""
+    model = (recorded.get("model") or {}).get("name")
+    if model not in MODELS:
+        return recorded
+    filled = json.loads(base_config(model).to_json())
+
+    def overlay(into: dict, saved: dict) -> None:
+        for key, value in saved.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                overlay(into[key], value)
+            else:
+                into[key] = value
+
+    overlay(filled, recorded)
+    return filled
+
+
 def differences(recorded: dict, config, ignore: tuple[str, ...] = RUNTIME_FIELDS) -> list[str]:
     """`field: <recorded> in the workdir, <now> now` for each field where a recorded config
     (config.json) and `config` differ, leaving out fields starting with `ignore`. A field one
-    side lacks (a config.json of an older version) shows as `<absent>`."""
-    before, now = _comparable(recorded), _comparable(config)
+    side lacks shows as `<absent>`, except a field added to the project after the workdir was
+    written: that run had the field's default behaviour (`config.base_config`), which is what it
+    is compared with, so an older run is not taken for another config."""
+    before, now = _comparable(_with_added_defaults(recorded)), _comparable(config)
     rows = []
     for key in sorted(set(before) | set(now)):
         if key.startswith(tuple(ignore)) or before.get(key) == now.get(key):

@@ -51,8 +51,13 @@ def guidance_channels(config) -> tuple[str, ...]:
 
 
 def input_channels(config) -> int:
-    """Channels of the network input: the degraded PET plus the guidance channels."""
-    return 1 + len(guidance_channels(config))
+    """Channels of the network input: the degraded PET (the centre slice and its
+    `task.context` neighbours on each side), the guidance channels, and a scanner task's FWHM
+    channel (`petsr_jax.task`)."""
+    task = config.get("task", {})
+    slices = 2 * int(task.get("context", 0)) + 1
+    scanner = int(task.get("degradation", "bicubic") == "scanner")
+    return slices + len(guidance_channels(config)) + scanner
 
 
 def normalise_t1(t1: np.ndarray, source: str = "") -> np.ndarray:

@@ -227,6 +227,11 @@ def resolve_root(config) -> Path:
     """The data root a config names, generating the embedded cohort when none is given."""
     if config.data.root:
         return Path(config.data.root)
+    task, scanner = config.get("task", {}), config.get("scanner", {})
+    if task.get("degradation") == "scanner" and scanner.get("data") == "phantoms":
+        from petsr_jax.sim import phantoms
+
+        return phantoms.ensure_phantoms(seed=config.data.cohort_seed, count=scanner.get("phantoms"))
     from petsr_jax.sim import cohort
 
     return cohort.ensure_cohort(config.data.cohort, seed=config.data.cohort_seed)

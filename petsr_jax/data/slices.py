@@ -69,6 +69,31 @@ def eval_slices_description(rule: str, has_mask: bool) -> str:
     return f"slices whose mean intensity is ≥ {INTENSITY_FRACTION:.0%} of the brightest slice's"
 
 
+def context_slices(volume: np.ndarray, keep: np.ndarray, neighbours: int) -> np.ndarray:
+    """`[len(keep), H, W, 2·neighbours]` neighbours of the slices `keep` of a `[D, H, W]`
+    volume, ordered `-n … -1, +1 … +n`, the volume's edges reflected (slice −1 is slice 1).
+
+    A volume of one slice is its own neighbour.
+    """
+    volume = np.asarray(volume, np.float32)
+    depth = volume.shape[0]
+    keep = np.asarray(keep, int)
+    offsets = [o for o in range(-neighbours, neighbours + 1) if o != 0]
+    if not offsets:
+        return np.zeros(volume[keep].shape + (0,), np.float32)
+    planes = []
+    for o in offsets:
+        index = keep + o
+        if depth > 1:
+            period = 2 * (depth - 1)
+            index = np.mod(index, period)
+            index = np.where(index >= depth, period - index, index)
+        else:
+            index = np.zeros_like(index)
+        planes.append(volume[index])
+    return np.ascontiguousarray(np.stack(planes, axis=-1), np.float32)
+
+
 @dataclasses.dataclass
 class SliceSet:
     """High-resolution slices of one split, normalised, with what evaluation needs.
@@ -87,19 +112,42 @@ class SliceSet:
     # In-plane pixel size in mm (row, column), the median over patients: what enhancement
     # compares a new scan's pixels with (the networks learn details at this size).
     pixel_spacing: tuple[float, float] | None = None
+    # float32 [N, H, W, 2n] each slice's n neighbours on each side in its volume
+    # (`context_slices`), or None when the task needs none (2D, bicubic).
+    context: np.ndarray | None = None
+    # Distance between slices in mm, the median over patients (a scanner PSF is in mm).
+    slice_spacing: float | None = None
 
     def __len__(self) -> int:
         return int(self.hr.shape[0])
 
+    @property
+    def voxel_spacing(self) -> tuple[float, float, float] | None:
+        """(slice, row, column) spacing in mm, or None when the data did not say; a cache
+        written before slice spacings were recorded takes the pixel size for the slice's."""
+        if self.pixel_spacing is None:
+            return None
+        return (self.slice_spacing or float(np.mean(self.pixel_spacing)),) + tuple(
+            self.pixel_spacing
+        )
+
 
 def _cache_key(
-    root: Path, patient_ids: list[str], rule: str, eval_split: bool, guidance: tuple[str, ...] = ()
+    root: Path,
+    patient_ids: list[str],
+    rule: str,
+    eval_split: bool,
+    guidance: tuple[str, ...] = (),
+    neighbours: int = 0,
 ) -> str:
-    """Content key of a split's slice cache: the files' names, sizes and times, the rule, and
-    the MR guidance channels (a PET-only run's key is what it was before they existed)."""
+    """Content key of a split's slice cache: the files' names, sizes and times, the rule, the
+    MR guidance channels and the neighbouring slices kept (a PET-only 2D run's key is what it
+    was before those existed)."""
     h = hashlib.sha1(f"{CACHE_VERSION}|{root.resolve()}|{rule}|{eval_split}".encode())
     if guidance:
         h.update(f"|guide:{','.join(guidance)}".encode())
+    if neighbours:
+        h.update(f"|neighbours:{neighbours}".encode())
     patients = list_patients(root)
     for pid in sorted(patient_ids):
         paths = [patients[pid]] + [root / f / f"{pid}.nii.gz" for f in AUX_FOLDERS]
@@ -125,13 +173,17 @@ def build_slice_set(
     rule: str = "mask",
     cache: bool = True,
     guidance: tuple[str, ...] = (),
+    neighbours: int = 0,
 ) -> SliceSet:
     """The slices of `patient_ids` (all of them for training, brain slices for evaluation).
 
     `guidance` (`mr.guidance_channels(config)`) adds each slice's MR guidance channels; then
     every patient must have a T1 on its PET's grid, or a `DataError` names the patient.
+    `neighbours` (`Task.neighbours`) adds each slice's neighbours in its volume (`context`),
+    taken from the whole volume, so an evaluation slice at the edge of the kept range still
+    sees its true neighbours.
     """
-    key = _cache_key(root, patient_ids, rule, eval_split, guidance)
+    key = _cache_key(root, patient_ids, rule, eval_split, guidance, neighbours)
     folder = cache_dir() / key
     if cache and (folder / "index.json").exists():
         index = json.loads((folder / "index.json").read_text())
@@ -154,9 +206,16 @@ def build_slice_set(
                 else None
             ),
             pixel_spacing=_spacing_or_none(index["pixel_spacing"]),
+            context=(
+                np.load(folder / "context.npy", mmap_mode="r", allow_pickle=False)
+                if index.get("has_context")
+                else None
+            ),
+            slice_spacing=index.get("slice_spacing"),
         )
     patients = list_patients(root)
     hr, masks, pids, idx, scales, units, spacings, guides = [], [], [], [], [], set(), [], []
+    contexts, slice_spacings = [], []
     for pid in sorted(patient_ids):
         scan = load_patient(root, pid, patients[pid])
         data, scale = normalise(scan.volume.data)
@@ -172,6 +231,9 @@ def build_slice_set(
         scales += [scale] * len(keep)
         units.add(scan.volume.units)
         spacings.append(scan.volume.spacing[1:])
+        slice_spacings.append(scan.volume.spacing[0])
+        if neighbours:
+            contexts.append(context_slices(data, keep, neighbours))
         if guidance:
             guides.append(_guide_of(scan, root, keep, guidance))
     shapes = {a.shape[1:] for a in hr}
@@ -188,6 +250,8 @@ def build_slice_set(
         units.pop() if len(units) == 1 else "mixed",
         guide=np.concatenate(guides) if guidance else None,
         pixel_spacing=_spacing_or_none(np.median(spacings, axis=0).tolist() if spacings else None),
+        context=np.concatenate(contexts) if neighbours else None,
+        slice_spacing=float(np.median(slice_spacings)) if slice_spacings else None,
     )
     if cache:
         _write_cache(folder, result)
@@ -272,6 +336,8 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         np.save(tmp / "mask.npy", s.mask, allow_pickle=False)
     if s.guide is not None:
         np.save(tmp / "guide.npy", s.guide, allow_pickle=False)
+    if s.context is not None:
+        np.save(tmp / "context.npy", s.context, allow_pickle=False)
     index = {
         "patient": s.patient.tolist(),
         "slice_index": s.slice_index.tolist(),
@@ -280,6 +346,8 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         "has_mask": s.mask is not None,
         "has_guide": s.guide is not None,
         "pixel_spacing": s.pixel_spacing,
+        "has_context": s.context is not None,
+        "slice_spacing": s.slice_spacing,
     }
     (tmp / "index.json").write_text(json.dumps(index))
     try:

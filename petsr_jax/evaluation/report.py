@@ -116,17 +116,29 @@ def results_markdown(results: dict, run_record: dict | None = None) -> str:
     name = {"srcnn": "multi-scale SRCNN", "deepsr": "DeepSR"}.get(
         results["model"], results["model"]
     )
+    scanner = results.get("degradation") == "scanner"
+    task = f"scanner task: {results.get('task')}" if scanner else f"{results['scale']}×"
+    target = (
+        "; both scored against the same activity blurred by the target PSF, without noise"
+        if scanner
+        else ""
+    )
     lines = [
-        f"# {name}, {results['scale']}× — test split",
+        f"# {name}, {task} — test split",
         "",
         f"{count_of(test['num_slices'], 'slice')} of {count_of(test['num_patients'], 'patient')}; "
-        f"mean ± std over slices; {_scoring_note(results)}",
+        f"mean ± std over slices; {_scoring_note(results)}{target}",
         "",
         "| image | " + " | ".join(label for _, label, _ in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
     for key, label in (
-        ("bicubic", f"Input LR ({results['scale']}× + bicubic)"),
+        (
+            "bicubic",
+            "Input (scanner PSF + noise)"
+            if scanner
+            else f"Input LR ({results['scale']}× + bicubic)",
+        ),
         ("sr", f"Output SR ({name})"),
     ):
         lines.append(
@@ -321,24 +333,20 @@ def training_curves_figure(runs):
 
 
 def write_run_outputs(
-    workdir: Path, config, results: dict, params, test_set, *, model, mesh, scores: dict
+    workdir: Path, config, results: dict, params, test_set, *, model, task, mesh, scores: dict
 ) -> None:
     """results.json, results.md, per-slice scores, the test-slice figure and the training
     curves of a finished run."""
     picks = figure_slices(test_set, config.eval.num_figure_slices)
     hr = np.asarray(test_set.hr[picks], np.float32)
     guide = None if test_set.guide is None else np.asarray(test_set.guide[picks], np.float32)
-    lr_up, sr = predict_slices(
-        params,
-        hr,
-        model=model,
-        scale=config.scale,
-        mesh=mesh,
-        domain=config.data.domain,
-        guide=guide,
+    context = None if test_set.context is None else np.asarray(test_set.context[picks])
+    lr_up, sr, target = predict_slices(
+        params, hr, model=model, task=task, mesh=mesh, guide=guide, context=context
     )
     labels = [f"{test_set.patient[i]} z={test_set.slice_index[i]}" for i in picks]
-    comparison_figure(workdir / "test_slices.png", hr, lr_up, sr, row_labels=labels)
+    # The "original" column is what the output is scored against (the task's target).
+    comparison_figure(workdir / "test_slices.png", target, lr_up, sr, row_labels=labels)
     per_slice = {
         "patient": test_set.patient.tolist(),
         "slice_index": [int(i) for i in test_set.slice_index],

@@ -41,6 +41,7 @@ from petsr_jax.config import field_names, parse_value, validate
 from petsr_jax.data import mr
 from petsr_jax.evaluation import evaluate, report
 from petsr_jax.models import abstract_params, create_model
+from petsr_jax.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,10 @@ def val_results(config, workdir: Path, results: dict) -> dict:
         eval_split=True,
         rule=config.data.eval_slices,
         guidance=mr.guidance_channels(config),  # an MR-guided sweep's T1 (and coordinates)
+        neighbours=Task.from_config(config, spacing_mm=(1.0, 1.0, 1.0)).neighbours,
     )
-    scores = evaluate.evaluate_run(params, val_set, config, model=model, mesh=mesh)
+    task = Task.from_config(config, spacing_mm=val_set.voxel_spacing)
+    scores = evaluate.evaluate_run(params, val_set, config, model=model, task=task, mesh=mesh)
     summary = evaluate.summarise(scores, val_set.patient)
     if jax.process_index() == 0:
         files.write_json_atomic(path, {**key, "val": summary})

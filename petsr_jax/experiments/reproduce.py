@@ -460,11 +460,9 @@ def regional_recovery(models: dict, records: dict, configs: dict, scale: int) ->
             root,
             patients,
             model=resolver.model,
-            scale=scale,
+            task=resolver.task,
             mesh=mesh,
             batch_size=resolver.batch_size,
-            domain=resolver.domain,
-            guidance=resolver.guidance,
         )
         out[name] = result
     return out
