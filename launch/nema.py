@@ -45,6 +45,12 @@ _TRUE_ACTIVITY = flags.DEFINE_float(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Also enhance the scan with this trained run and compare."
 )
+_PSF_FWHM_MM = flags.DEFINE_float(
+    "psf_fwhm_mm",
+    None,
+    "With --workdir: the scan's PSF FWHM in mm, told to a model trained with the scanner "
+    "variant (else its config's scanner.nominal_fwhm_mm, with a warning).",
+)
 _COMPARE = flags.DEFINE_string(
     "compare",
     None,
@@ -64,6 +70,7 @@ def main(argv):
             true_activity=_TRUE_ACTIVITY.value,
             workdir=_WORKDIR.value,
             compare_path=_COMPARE.value,
+            psf_fwhm_mm=_PSF_FWHM_MM.value,
         )
     except (
         nema.NemaError,

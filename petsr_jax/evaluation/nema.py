@@ -888,7 +888,13 @@ def write_report(
 
 
 def measure_scan(
-    input_path, out_dir, *, true_activity=None, workdir=None, compare_path=None
+    input_path,
+    out_dir,
+    *,
+    true_activity=None,
+    workdir=None,
+    compare_path=None,
+    psf_fwhm_mm=None,
 ) -> str:
     """Analyse the scan at `input_path` (a DICOM series folder or NIfTI file) and write the
     report into `out_dir` (`write_report`); return the markdown tables.
@@ -911,7 +917,8 @@ def measure_scan(
     if workdir:
         from petsr_jax.inference import load
 
-        enhanced = load(workdir)(volume)
+        # A scanner-trained model is told the scan's resolution (`SuperResolver.fwhm_pixels`).
+        enhanced = load(workdir)(volume, psf_fwhm_mm=psf_fwhm_mm)
         name = f"{input_path} enhanced by {workdir}"
         after = _analyse_named(enhanced, result["true_activity"], name)
         labels = ("input", f"enhanced ({Path(workdir).name})")
