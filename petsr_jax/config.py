@@ -1,13 +1,13 @@
 """Configs as data: the fields every config has, the `key=value,flag` parser, and `validate()`.
 
-The protocols live in the config files, `configs/srcnn.py` and `configs/deepsr.py`: each writes
-out the paper protocol for its model and a few named variants (`quick`, `tiny`, `paper`, `gpu`)
-that change a few fields. What every config shares lives here, so that the library works from a
-notebook without the `configs/` folder:
+The paper protocol is written once, here, as the defaults of `base_config`; the config files,
+`configs/srcnn.py` and `configs/deepsr.py`, take it as it is and add a few named variants
+(`quick`, `tiny`, `paper`, `gpu`, `mr`, `scanner`) that change a few fields. What every config
+shares lives here, so that the library works from a notebook without the `configs/` folder:
 
-- `base_config(model)`: every field a run reads, with its type and meaning. A config file sets
-  its protocol on top of it; `petsr_jax.load` fills a workdir's config.json with it, so a run
-  recorded before a field existed still loads.
+- `base_config(model)`: every field a run reads, with its type, its meaning and the paper
+  protocol's value. `petsr_jax.load` fills a workdir's config.json with it, so a run recorded
+  before a field existed loads as its config file gives it.
 - `apply_arg(config, arg, variants)`: the text after the colon in
   `--config=configs/deepsr.py:scale=8,quick`. Bare flags name variants and apply first, in the
   order given; `key=value` pairs are typed like the field (`scale=12`, `train.lr=3e-4`, or the
@@ -18,6 +18,14 @@ notebook without the `configs/` folder:
   stderr and exit status 2 before any data or JAX work, instead of a traceback.
 - `validate(config)`: the one check before any work starts, with errors that name the field,
   the value and what was expected.
+- `input_channels(config)`: how many channels the network input has, a function of the fields
+  alone.
+
+This module is the bottom of the package: it imports nothing else of it (only `validate` looks
+up the embedded cohort's slice sizes in `petsr_jax.sim`), so models, data, the task and training
+all import it without a circle. The names each field may take (`MODELS`, `INITS`, `CONVS`,
+`DEGRADATIONS`, `CONSISTENCY`) are therefore defined here and imported by the modules that
+implement them.
 """
 
 from __future__ import annotations
@@ -32,6 +40,15 @@ from typing import Any
 import ml_collections
 
 MODELS = ("srcnn", "deepsr")
+# `model.init`: PyTorch's default (the authors'), flax's lecun_normal, SRCNN's N(0, 0.001²);
+# petsr_jax.models.layers implements them.
+INITS = ("torch", "flax", "srcnn")
+# `model.conv`: how convolutions are computed (petsr_jax.models.conv_module); "xla" is what
+# older config.json files call "flax".
+CONVS = ("auto", "flax", "cpu", "onednn", "xla")
+# `task.degradation` and `task.consistency` (petsr_jax.task).
+DEGRADATIONS = ("bicubic", "scanner")
+CONSISTENCY = ("none", "block")
 
 # The bare flags every config file offers, each a variant defined in the file's `VARIANTS`:
 # `quick` (a 2-core CPU, minutes), `tiny` (unit tests), `paper` (the authors' data domain and
@@ -61,10 +78,10 @@ class ConfigError(ValueError):
 def base_config(model: str) -> ml_collections.ConfigDict:
     """Every field of a `model` ("srcnn" or "deepsr") config, with its meaning; unlocked.
 
-    The values are the paper protocol's, which `configs/<model>.py` writes out in full; here
-    they are what a field takes where neither a config file nor a workdir's config.json sets it
-    (a run recorded before the field existed), and they fix each field's type: `scale=12`
-    parses as an int because `scale` is 8 here.
+    The values are the paper protocol's: `configs/<model>.py` without variants is exactly this,
+    and a workdir's config.json that lacks a field (a run recorded before the field existed)
+    takes it from here. They also fix each field's type: `scale=12` parses as an int because
+    `scale` is 8 here.
     """
     if model not in MODELS:
         raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
@@ -72,7 +89,10 @@ def base_config(model: str) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(
         {
             "name": model,
-            # DeepSR only: 20 residual blocks of 64 features (Sec. 3.1.2).
+            # SRCNN (Sec. 3.1.1) is three convolutions, 9×9/64 → 1×1/32 → 5×5/1, and has no
+            # field of its own. DeepSR (Sec. 3.1.2): 20 residual blocks (conv–ReLU–conv plus
+            # identity) of 64 features between a 3×3 input and output convolution; these
+            # DeepSR fields (to residual_scale) are unused by SRCNN.
             "num_blocks": 20,
             "width": 64,
             # "feature": long skip at feature level, conv_out(blocks(h) + h) — the authors'
@@ -86,8 +106,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # Residual branches scaled by this before they are added (EDSR: 0.1); 1 = the paper.
             "residual_scale": 1.0,
             "remat": False,
-            # Input channels: 1 (the PET) plus the MR guidance channels `mr` asks for
-            # (`petsr_jax.data.mr.input_channels`); validate() checks the two agree.
+            # Input channels: the PET slices plus the guidance channels `task` and `mr` ask
+            # for (`input_channels` below); validate() checks the two agree.
             "in_channels": 1,
             # How convolutions are computed, not what: "auto" takes flax's nn.Conv, or on one
             # CPU device petsr_jax.cpu's kernels; or "flax" / "cpu" / "onednn" (see
@@ -102,7 +122,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
         {
             # A folder of patients (see README "Your own data"); empty = the embedded cohort.
             "root": "",
-            # Preset of the embedded cohort used when root is empty: paper | small | tiny.
+            # Preset of the embedded cohort used when root is empty: paper (33 patients × 89
+            # slices of 384², the paper's size) | small | tiny.
             "cohort": "paper",
             "cohort_seed": 0,
             # Patients per train/val/test split (paper: 20/4/9 of 33), drawn with split_seed;
@@ -110,14 +131,15 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "split": "20/4/9",
             "split_seed": 0,
             "split_file": "",
-            # Val/test slices: "mask" (brain slices by the brain mask, else by intensity),
+            # Val/test slices: "mask" (the brain slices by the brain mask, else by intensity;
+            # training uses every slice),
             # "all", or an explicit range "start:stop" of slice indices.
             "eval_slices": "mask",
             # What the network sees: "physical" (each volume / its maximum, float; outputs in
             # physical units) or "paper" (each slice min–max to 8 bits, the input degraded as
             # PIL resizes 8-bit images, scored with the paper's metrics); see data.to_domain.
             "domain": "physical",
-            # Training crops (0 = whole slices, as the paper) and flips.
+            # Training crops (0 = whole slices, as the paper) and random flips.
             "crop_size": 0,
             "flip": True,
             # Grain worker processes for the training loader (0 = in the main process).
@@ -171,9 +193,12 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "phantoms": 20,  # how many (train/val/test 16/2/2 of 20)
         }
     )
+    # Training (Sec. 3.2): MSE loss and Adam, at 1e-3 for SRCNN (faster convergence) and 1e-4 for
+    # DeepSR (its residual connections already speed convergence up), both 50 epochs for a fair
+    # comparison; validation and a checkpoint once per epoch.
     c.train = ml_collections.ConfigDict(
         {
-            "lr": {"srcnn": 1e-3, "deepsr": 1e-4}[model],  # Sec. 3.2
+            "lr": {"srcnn": 1e-3, "deepsr": 1e-4}[model],
             "epochs": 50,
             "batch_size": 8,  # global batch, split over all devices of all processes
             "log_every_steps": 50,
@@ -182,6 +207,8 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "keep_checkpoints": 3,
         }
     )
+    # Evaluation: PSNR, SSIM and LPIPS of the params with the best validation PSNR, beside the
+    # bicubic baseline.
     c.eval = ml_collections.ConfigDict(
         {
             "batch_size": 8,
@@ -433,15 +460,6 @@ def parse_split(text: str) -> tuple[int, int, int]:
     return counts  # type: ignore[return-value]
 
 
-def image_size(config) -> int | None:
-    """In-plane size of the embedded cohort preset (None for a user's data root)."""
-    if config.data.root:
-        return None
-    from petsr_jax.sim import PRESETS
-
-    return PRESETS[config.data.cohort].size
-
-
 def validate(config, num_devices: int | None = None) -> None:
     """Raise `ConfigError` on anything that would fail later, before any work starts."""
     import jax
@@ -452,8 +470,6 @@ def validate(config, num_devices: int | None = None) -> None:
         errors.append(f"model.name: expected one of {', '.join(MODELS)}, got {m.name!r}")
     if m.global_skip not in ("image", "feature"):
         errors.append(f"model.global_skip: expected 'image' or 'feature', got {m.global_skip!r}")
-    from petsr_jax.models import CONVS, INITS
-
     if m.init not in INITS:
         errors.append(f"model.init: expected one of {', '.join(INITS)}, got {m.init!r}")
     if not m.residual_scale > 0:
@@ -531,8 +547,6 @@ def validate(config, num_devices: int | None = None) -> None:
 def _task_problems(config) -> list[str]:
     """The task fields: a degradation, context or consistency the data domain cannot carry,
     and scanner ranges that cannot be drawn from."""
-    from petsr_jax.task import CONSISTENCY, DEGRADATIONS
-
     t, s, problems = config.task, config.scanner, []
     if t.degradation not in DEGRADATIONS:
         problems.append(f"task.degradation: expected one of {DEGRADATIONS}, got {t.degradation!r}")
@@ -574,8 +588,6 @@ def _task_problems(config) -> list[str]:
 def _mr_problems(config) -> list[str]:
     """The MR guidance fields against the network's input channels: a mismatch would only
     surface as a shape error deep inside the first train step."""
-    from petsr_jax.data.mr import input_channels
-
     problems = []
     if config.mr.coordinates and not config.mr.t1:
         problems.append("mr.coordinates: the coordinate channels come with the T1; set mr.t1=true")
@@ -588,6 +600,26 @@ def _mr_problems(config) -> list[str]:
             f"(PET slices, T1, radial, axial, FWHM as set); set model.in_channels={expected}"
         )
     return problems
+
+
+def guidance_channels(config) -> tuple[str, ...]:
+    """Names of the MR guidance channels a config feeds the network, in channel order
+    (`petsr_jax.data.mr` makes them)."""
+    mr = config.get("mr")
+    if mr is None or not mr.get("t1", False):
+        return ()
+    return ("t1", "radial", "axial") if mr.get("coordinates", False) else ("t1",)
+
+
+def input_channels(config) -> int:
+    """Channels of the network input: the degraded PET (the centre slice and its
+    `task.context` neighbours on each side), the guidance channels, and a scanner task's FWHM
+    channel (`petsr_jax.task`). `.get` with defaults: a config.json recorded before the task
+    and mr fields existed has neither."""
+    task = config.get("task", {})
+    slices = 2 * int(task.get("context", 0)) + 1
+    scanner = int(task.get("degradation", "bicubic") == "scanner")
+    return slices + len(guidance_channels(config)) + scanner
 
 
 def _is_range(text: str) -> bool:

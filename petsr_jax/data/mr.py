@@ -33,6 +33,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+# Which channels a config asks for is a function of its fields alone, so it lives with them.
+from petsr_jax.config import guidance_channels as guidance_channels
+from petsr_jax.config import input_channels as input_channels
 from petsr_jax.data.patients import DataError
 
 T1_PERCENTILE = 99.5
@@ -40,24 +43,6 @@ HEAD_FRACTION = 0.05
 # Largest affine difference, as a fraction of the smallest voxel, still "the same grid":
 # DICOM stores positions as decimal strings, so equal grids differ in the last digits.
 AFFINE_TOLERANCE = 0.05
-
-
-def guidance_channels(config) -> tuple[str, ...]:
-    """Names of the guidance channels a config feeds the network, in channel order."""
-    mr = config.get("mr")
-    if mr is None or not mr.get("t1", False):
-        return ()
-    return ("t1", "radial", "axial") if mr.get("coordinates", False) else ("t1",)
-
-
-def input_channels(config) -> int:
-    """Channels of the network input: the degraded PET (the centre slice and its
-    `task.context` neighbours on each side), the guidance channels, and a scanner task's FWHM
-    channel (`petsr_jax.task`)."""
-    task = config.get("task", {})
-    slices = 2 * int(task.get("context", 0)) + 1
-    scanner = int(task.get("degradation", "bicubic") == "scanner")
-    return slices + len(guidance_channels(config)) + scanner
 
 
 def normalise_t1(t1: np.ndarray, source: str = "") -> np.ndarray:

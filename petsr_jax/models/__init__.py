@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from petsr_jax.config import CONVS
 from petsr_jax.models.deepsr import DeepSR, ResidualBlock
 from petsr_jax.models.layers import INITS, ConvModule, initializers
 from petsr_jax.models.srcnn import SRCNN
@@ -31,8 +32,6 @@ __all__ = [
 ]
 
 MODELS = {"srcnn": SRCNN, "deepsr": DeepSR}
-# Values of config `model.conv`; "xla" is what older config.json files call "flax".
-CONVS = ("auto", "flax", "cpu", "onednn", "xla")
 
 
 def conv_module(conv: str = "auto") -> ConvModule:

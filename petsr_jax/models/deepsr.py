@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from petsr_jax.models.layers import ConvModule, conv_layer
+from petsr_jax.models.layers import ConvModule, convolve
 
 
 class ResidualBlock(nn.Module):
@@ -26,18 +26,8 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        def conv(name):
-            return conv_layer(
-                self.conv,
-                self.width,
-                3,
-                self.width,
-                dtype=self.dtype,
-                init=self.initialization,
-                name=name,
-            )
-
-        branch = conv("conv2")(nn.relu(conv("conv1")(h)))
+        inner = nn.relu(convolve(self, h, self.width, 3, "conv1"))
+        branch = convolve(self, inner, self.width, 3, "conv2")
         if self.residual_scale != 1.0:
             branch = branch * jnp.asarray(self.residual_scale, branch.dtype)
         return h + branch
@@ -71,21 +61,9 @@ class DeepSR(nn.Module):
         if self.global_skip not in ("image", "feature"):
             raise ValueError(f"global_skip must be 'image' or 'feature', got {self.global_skip!r}")
 
-        def conv(x, features, name):
-            layer = conv_layer(
-                self.conv,
-                features,
-                3,
-                x.shape[-1],
-                dtype=self.dtype,
-                init=self.initialization,
-                name=name,
-            )
-            return layer(x)
-
         block = nn.remat(ResidualBlock) if self.remat else ResidualBlock
         x = lr_up.astype(self.dtype)
-        h0 = conv(x, self.width, "conv_in")
+        h0 = convolve(self, x, self.width, 3, "conv_in")
         h = h0
         for i in range(self.num_blocks):
             h = block(
@@ -98,7 +76,7 @@ class DeepSR(nn.Module):
             )(h)
         if self.global_skip == "feature":
             h = h + h0
-        out = conv(h, self.out_channels, "conv_out").astype(jnp.float32)
+        out = convolve(self, h, self.out_channels, 3, "conv_out").astype(jnp.float32)
         if self.global_skip == "image":
             out = out + lr_up[..., : self.out_channels].astype(jnp.float32)
         return out

@@ -1,8 +1,8 @@
 """How every convolution of both networks is initialised and built.
 
 The networks take the convolution as a module class, `conv`, called like `flax.linen.Conv`;
-`conv_layer` builds one "SAME", stride-1 convolution with bias from it, float32 parameters and
-the chosen initialisation. Which class computes it (flax's, or a CPU kernel from
+`convolve` applies one "SAME", stride-1 convolution with bias made from it, float32 parameters
+and the chosen initialisation. Which class computes it (flax's, or a CPU kernel from
 `petsr_jax.cpu`) changes how, never what: the parameter tree is the same.
 
 `initializers(init, fan_in)` (config `model.init`):
@@ -21,13 +21,12 @@ the chosen initialisation. Which class computes it (flax's, or a CPU kernel from
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-INITS = ("torch", "flax", "srcnn")
+from petsr_jax.config import INITS  # the values config `model.init` takes, implemented here
 
 ConvModule = Callable[..., nn.Module]
 
@@ -55,26 +54,23 @@ def initializers(init: str, fan_in: int):
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-def conv_layer(
-    conv: ConvModule,
-    features: int,
-    size: int,
-    in_channels: int,
-    *,
-    dtype: Any,
-    init: str,
-    name: str,
-) -> nn.Module:
-    """A `size`×`size` stride-1 "SAME" convolution with bias, float32 parameters, computed in
-    `dtype`, made by the module class `conv`."""
-    kernel_init, bias_init = initializers(init, size * size * in_channels)
-    return conv(
+def convolve(owner: nn.Module, x, features: int, size: int, name: str):
+    """`x` through a `size`×`size` stride-1 "SAME" convolution with bias to `features` channels.
+
+    The layer is made by `owner`'s module class `conv`, computes in `owner.dtype`, keeps float32
+    parameters and is initialised by `owner.initialization`: every network and block of the
+    package has these three fields, so each of their layers is built the same way. Call it from
+    `owner`'s compact method; the layer becomes `owner`'s submodule `name`.
+    """
+    kernel_init, bias_init = initializers(owner.initialization, size * size * x.shape[-1])
+    layer = owner.conv(
         features,
         (size, size),
         padding="SAME",
-        dtype=dtype,
+        dtype=owner.dtype,
         param_dtype=jnp.float32,
         kernel_init=kernel_init,
         bias_init=bias_init,
         name=name,
     )
+    return layer(x)

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from petsr_jax.models.layers import ConvModule, conv_layer
+from petsr_jax.models.layers import ConvModule, convolve
 
 
 class SRCNN(nn.Module):
@@ -30,20 +30,8 @@ class SRCNN(nn.Module):
 
     @nn.compact
     def __call__(self, lr_up):
-        def conv(x, features, size, name):
-            layer = conv_layer(
-                self.conv,
-                features,
-                size,
-                x.shape[-1],
-                dtype=self.dtype,
-                init=self.initialization,
-                name=name,
-            )
-            return layer(x)
-
         x = lr_up.astype(self.dtype)
-        x = nn.relu(conv(x, self.features[0], 9, "patch_extraction"))
-        x = nn.relu(conv(x, self.features[1], 1, "nonlinear_mapping"))
-        x = conv(x, self.out_channels, 5, "reconstruction")
+        x = nn.relu(convolve(self, x, self.features[0], 9, "patch_extraction"))
+        x = nn.relu(convolve(self, x, self.features[1], 1, "nonlinear_mapping"))
+        x = convolve(self, x, self.out_channels, 5, "reconstruction")
         return x.astype(jnp.float32)
