@@ -22,9 +22,9 @@ import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import checkpoint, cli, data, distributed, io  # noqa: E402
-from petsr_jax import workdir as workdir_lib  # noqa: E402
+from petsr_jax import cli, data, distributed, io  # noqa: E402
 from petsr_jax.experiments import ablation  # noqa: E402
+from petsr_jax.run import checkpoint, layout  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -56,7 +56,7 @@ def main(argv):
         data.DataError,
         io.ScanError,
         checkpoint.CheckpointError,
-        workdir_lib.WorkdirError,  # a run's folder held by another training, or not a run's
+        layout.WorkdirError,  # a run's folder held by another training, or not a run's
     ) as e:
         sys.exit(f"launch/ablate.py: {e}")  # the reason alone, without the flags' help
     if jax.process_index() == 0:

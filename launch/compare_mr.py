@@ -19,8 +19,9 @@ import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from petsr_jax import checkpoint, cli, data, inference  # noqa: E402
+from petsr_jax import cli, data, inference  # noqa: E402
 from petsr_jax.experiments import mr_guidance  # noqa: E402
+from petsr_jax.run import checkpoint  # noqa: E402
 
 _PET_ONLY = flags.DEFINE_string("pet_only", None, "Workdir of the PET-only run.")
 _MR = flags.DEFINE_string("mr", None, "Workdir of the MR-guided run (config flag mr).")

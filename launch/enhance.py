@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from petsr_jax import checkpoint, cli, data, inference, io, metrics, quantitation  # noqa: E402
+from petsr_jax import cli, data, inference, io, metrics, quantitation  # noqa: E402
+from petsr_jax.run import checkpoint  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string(
     "workdir",

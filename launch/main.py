@@ -30,10 +30,10 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import checkpoint, cli, data, distributed, io, train  # noqa: E402
-from petsr_jax import workdir as workdir_lib  # noqa: E402
+from petsr_jax import cli, data, distributed, io, train  # noqa: E402
 from petsr_jax.config import ConfigError, validate  # noqa: E402
 from petsr_jax.evaluation import report  # noqa: E402
+from petsr_jax.run import checkpoint, identity, layout  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -56,7 +56,7 @@ USER_ERRORS = (
     data.DataError,
     io.ScanError,
     checkpoint.CheckpointError,
-    workdir_lib.WorkdirError,
+    layout.WorkdirError,
     OSError,
 )
 
@@ -65,14 +65,15 @@ def run(config, workdir: str | None) -> dict:
     """Start the distributed runtime if asked, check the config, train, print the results."""
     distributed.initialize(config)  # first: it must precede anything that starts JAX
     validate(config)
-    workdir = workdir or str(workdir_lib.default_workdir(config))
+    workdir = workdir or str(identity.default_workdir(config))
     logging.info("workdir: %s", workdir)
     results = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
         print(report.results_markdown(results))
         print(
-            f"Outputs in {workdir}: results.md, results.json, test_slices.png, "
-            "training_curves.png, run.json, tensorboard/; in a notebook: "
+            f"Outputs in {workdir}: {layout.RESULTS_MD}, {layout.RESULTS}, "
+            f"{layout.TEST_FIGURE}, {layout.CURVES}, {layout.RUN_RECORD}, "
+            f"{layout.TENSORBOARD}/; in a notebook: "
             f"petsr_jax.load({str(workdir)!r})"
         )
     return results

@@ -31,8 +31,9 @@ from pathlib import Path  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from petsr_jax import checkpoint, cli, data, inference, io  # noqa: E402
+from petsr_jax import cli, data, inference, io  # noqa: E402
 from petsr_jax.evaluation import nema  # noqa: E402
+from petsr_jax.run import checkpoint  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder or NIfTI file of the phantom.")
 _OUT = flags.DEFINE_string("out", None, "New (or empty) folder for nema.json, nema.md, nema.png.")

@@ -21,10 +21,10 @@ import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from petsr_jax import checkpoint, cli, data, distributed, io  # noqa: E402
-from petsr_jax import workdir as workdir_lib  # noqa: E402
+from petsr_jax import cli, data, distributed, io  # noqa: E402
 from petsr_jax.config import build_config  # noqa: E402
 from petsr_jax.experiments import reproduce  # noqa: E402
+from petsr_jax.run import checkpoint, layout  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Each config's `quick` flag (2-core CPU, ~1 hour).")
 _SCALES = flags.DEFINE_list("scales", ["8", "12", "16"], "Downscaling factors.")
@@ -63,7 +63,7 @@ def main(argv):
         data.DataError,
         io.ScanError,
         checkpoint.CheckpointError,
-        workdir_lib.WorkdirError,  # a run's folder held by another training, or not a run's
+        layout.WorkdirError,  # a run's folder held by another training, or not a run's
     ) as e:
         sys.exit(f"reproduce: {e}")
     for run in summary["runs"]:

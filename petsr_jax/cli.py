@@ -44,7 +44,7 @@ def _training_command(model: str, arg: str) -> str:
 def variant_workdirs(runs_dir: str = "runs", scales: Sequence[int] = (8, 12, 16)) -> dict:
     """Default workdir name → the command that trains into it, for each model, scale and
     single variant (and none: the paper protocol); empty without the config files."""
-    from petsr_jax.workdir import readable_name
+    from petsr_jax.run.identity import readable_name
 
     made = {}
     for model in config_lib.MODELS:
@@ -61,7 +61,7 @@ def variant_workdirs(runs_dir: str = "runs", scales: Sequence[int] = (8, 12, 16)
 
 def variants_help() -> str:
     """The config variants, what each is for and the workdir each trains at 8×, one per line."""
-    from petsr_jax.workdir import readable_name
+    from petsr_jax.run.identity import readable_name
 
     by_variant: dict[str, list[str]] = {}
     for model in sorted(config_lib.MODELS):  # deepsr first, the README's network

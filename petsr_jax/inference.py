@@ -33,7 +33,6 @@ input holds, where each one's output goes, and which outputs it must refuse to w
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -43,14 +42,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from petsr_jax import checkpoint, data, quantitation
-from petsr_jax import workdir as workdir_lib
+from petsr_jax import data, quantitation
 from petsr_jax.config import base_config
 from petsr_jax.data import mr as mr_guidance
 from petsr_jax.evaluation.predict import map_batches
 from petsr_jax.io.geometry import affine_in
 from petsr_jax.io.units import is_activity_concentration
 from petsr_jax.models import abstract_params, create_model
+from petsr_jax.run import checkpoint, layout, record
 from petsr_jax.task import Task
 from petsr_jax.volume import Volume
 
@@ -109,7 +108,7 @@ def load(workdir, *, which: str | None = None, batch_size: int | None = None) ->
 
     Raises:
       InferenceError: the folder is not a training workdir.
-      petsr_jax.checkpoint.CheckpointError: it holds no restorable checkpoint for its config,
+      petsr_jax.run.checkpoint.CheckpointError: it holds no restorable checkpoint for its config,
         or its config.json was edited after training (the fields named).
     """
     workdir = Path(workdir)
@@ -132,7 +131,7 @@ def load(workdir, *, which: str | None = None, batch_size: int | None = None) ->
             f"{workdir}: cannot restore the {which} params for the model in config.json "
             f"({type(error).__name__}: {error})"
         ) from error
-    unfinished = workdir_lib.progress(workdir)
+    unfinished = record.progress(workdir)
     if unfinished:
         checkpoint_kind = "best checkpoint" if which == "best" else "latest checkpoint"
         warnings.warn(f"{unfinished}; using the {checkpoint_kind} so far", stacklevel=2)
@@ -143,18 +142,18 @@ def load(workdir, *, which: str | None = None, batch_size: int | None = None) ->
 
 def read_config(workdir) -> ml_collections.ConfigDict:
     """The locked config a run was trained with, from `<workdir>/config.json`."""
-    path = Path(workdir) / "config.json"
+    path = Path(workdir) / layout.CONFIG
     if not Path(workdir).is_dir():
         raise InferenceError(missing_workdir(workdir))
-    if not path.is_file():
-        raise InferenceError(
-            f"{path}: missing; a training workdir gets config.json when launch/main.py starts "
-            "the run"
-        )
     try:
-        fields = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InferenceError(f"{path}: cannot be read as JSON ({error})") from error
+        fields = layout.read_record(workdir, layout.CONFIG)
+    except layout.WorkdirError as error:
+        raise InferenceError(str(error)) from None
+    if fields is None:
+        raise InferenceError(
+            f"{path}: missing; a training workdir gets {layout.CONFIG} when launch/main.py "
+            "starts the run"
+        )
     for section, key in (("model", "name"), (None, "scale")):
         holder = fields.get(section, {}) if section else fields
         if not isinstance(holder, dict) or key not in holder:
@@ -183,13 +182,13 @@ def missing_workdir(workdir) -> str:
     parent = workdir.parent
     runs = []
     if parent.is_dir():
-        runs = sorted(p.name for p in parent.iterdir() if (p / "config.json").is_file())
+        runs = sorted(p.name for p in parent.iterdir() if (p / layout.CONFIG).is_file())
     text = f"{workdir}: no such workdir"
     close = difflib.get_close_matches(workdir.name, runs, n=3, cutoff=0.6)
     if close:
         named = []
         for name in close:
-            command = workdir_lib.recorded_command(parent / name)
+            command = record.recorded_command(parent / name)
             named.append(str(parent / name) + (f" (trained by: {command})" if command else ""))
         text += f"; nearest: {'; '.join(named)}"
     elif runs:
@@ -221,13 +220,10 @@ def _overlay(defaults: ml_collections.ConfigDict, saved: dict) -> ml_collections
 def read_data_info(workdir) -> dict | None:
     """`<workdir>/data_info.json` ({"units", "image_size", "pixel_spacing_mm", "root"}), or
     None when absent."""
-    path = Path(workdir) / "data_info.json"
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InferenceError(f"{path}: cannot be read as JSON ({error})") from error
+        return layout.read_data_info(workdir)
+    except layout.WorkdirError as error:
+        raise InferenceError(str(error)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,15 +14,14 @@ user sees at once when an enhancement shifted quantitation: `total −0.4 %, max
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from petsr_jax.io.errors import ScanError
+from petsr_jax.io.files import write_json_atomic
 
 # Name of the record `launch/enhance.py` writes beside its outputs.
 RECORD_NAME = "activity_changes.json"
@@ -110,13 +109,9 @@ def record_changes(folder, changes: dict[str, ActivityChange]) -> Path:
         except (OSError, json.JSONDecodeError):
             records = {}  # a damaged record is rebuilt rather than blocking the outputs
     records.update({name: change.as_record() for name, change in changes.items()})
-    partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
-        os.replace(partial, path)
+        write_json_atomic(path, records, sort_keys=True)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
         cause = error.strerror or str(error) or type(error).__name__
         raise ScanError(f"{path}: cannot write the activity record ({cause})") from error
     return path

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from petsr_jax import checkpoint, train
+from petsr_jax import train
 from petsr_jax.config import build_config
 from petsr_jax.evaluation import report
 from petsr_jax.experiments import ablation
+from petsr_jax.run import checkpoint, layout
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTHS = ("1", "2")
@@ -54,7 +55,7 @@ def finished_sweep(nifti_root, tmp_path_factory):
     config = _config(nifti_root)
     steps_per_run = 8
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "jit_train_step", _crash_after(steps_per_run + 5))
+        patch.setattr(train.loop, "jit_train_step", _crash_after(steps_per_run + 5))
         with pytest.raises(KeyboardInterrupt):
             ablation.run_sweep(config, "depth", DEPTHS, runs, progress=False)
     interrupted = runs / "deepsr_x8_depth2"
@@ -155,7 +156,7 @@ def test_rerunning_a_sweep_skips_finished_runs(finished_sweep):
     before = {
         p: (p.read_bytes(), p.stat().st_mtime_ns)
         for w in workdirs
-        for p in (w / "metrics.jsonl", w / ablation.VAL_RESULTS_FILE)
+        for p in (w / "metrics.jsonl", w / layout.VAL_RESULTS)
     }
     again = ablation.run_sweep(config, "depth", DEPTHS, runs, progress=False)
     assert again == table

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from petsr_jax import checkpoint, data, distributed, train
+from petsr_jax import data, distributed, train
 from petsr_jax.config import build_config
 from petsr_jax.models import create_model
+from petsr_jax.run import checkpoint, layout
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESSES = 2
@@ -289,7 +290,7 @@ def test_distributed_checkpoint_resumes_in_one_process(runs, tmp_path):
     workdir = Path(shutil.copytree(runs["multi"], tmp_path / "resumed"))
     shutil.rmtree(workdir / "checkpoints" / "8")
     shutil.rmtree(workdir / "best")  # its step would be saved again on the way to step 8
-    for name in train.RUN_OUTPUTS:
+    for name in layout.RUN_OUTPUTS:
         (workdir / name).unlink()
     assert checkpoint.Checkpoints(workdir).latest_step() == 4
     config = build_config("srcnn", f"tiny,data.root={runs['root']},train.epochs={EPOCHS}")

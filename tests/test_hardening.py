@@ -31,11 +31,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from petsr_jax import checkpoint, data, files, io, train
-from petsr_jax import workdir as workdir_lib
+from petsr_jax import data, io, train
 from petsr_jax.config import build_config
 from petsr_jax.evaluation import report
+from petsr_jax.io import files
 from petsr_jax.models import create_model
+from petsr_jax.run import checkpoint, layout
 from petsr_jax.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -311,7 +312,7 @@ def test_free_space_is_checked_against_the_checkpoints(nifti_root, tmp_path, mon
         usage = real(path)
         return usage._replace(free=2**20)
 
-    monkeypatch.setattr(train.shutil, "disk_usage", almost_full)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", almost_full)
     _fails_before_training(
         _config(nifti_root), tmp_path / "run", r"has 1\.0 MiB free; .* need about \d+\.\d MiB"
     )
@@ -388,7 +389,7 @@ def deepsr_workdir(deepsr_checkpoint, tmp_path):
 
 def test_a_workdir_of_another_model_is_refused_by_its_recorded_config(deepsr_workdir, nifti_root):
     with pytest.raises(
-        workdir_lib.WorkdirError,
+        layout.WorkdirError,
         match=r"another config \(model\.name: 'deepsr' in the workdir, 'srcnn' now",
     ):
         train.train_and_evaluate(_config(nifti_root), deepsr_workdir, progress=False)
@@ -636,7 +637,7 @@ def test_a_run_interrupted_while_writing_its_outputs_rewrites_them_on_rerun(
     reference, results = finished
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
-    for name in train.RUN_OUTPUTS:
+    for name in layout.RUN_OUTPUTS:
         (workdir / name).unlink()
     real_write = files.write_atomic
 
@@ -653,7 +654,7 @@ def test_a_run_interrupted_while_writing_its_outputs_rewrites_them_on_rerun(
     monkeypatch.undo()
 
     again = train.train_and_evaluate(_config(nifti_root), workdir, progress=False)
-    for name in train.RUN_OUTPUTS:
+    for name in layout.RUN_OUTPUTS:
         assert (workdir / name).is_file(), name
     assert again["test"] == results["test"]
     assert "| Output SR (multi-scale SRCNN) |" in (workdir / "results.md").read_text()

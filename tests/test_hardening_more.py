@@ -31,12 +31,12 @@ import pytest
 from conftest import blob_volume, make_nifti_root
 
 import petsr_jax
-from petsr_jax import checkpoint, data, inference, io, train
-from petsr_jax import workdir as workdir_lib
+from petsr_jax import data, inference, io, train
 from petsr_jax.config import build_config
 from petsr_jax.data import mr
 from petsr_jax.experiments import ablation, reproduce
 from petsr_jax.models import create_model
+from petsr_jax.run import checkpoint, identity, layout
 from petsr_jax.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_an_edited_config_json_is_refused_at_load_and_at_training(run, nifti_roo
         petsr_jax.load(workdir)
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
     for scale in (16, 8):  # the edited config, and the one the params were trained with
-        with pytest.raises(workdir_lib.WorkdirError, match=expected):
+        with pytest.raises(layout.WorkdirError, match=expected):
             train.train_and_evaluate(_config(nifti_root, scale=scale), workdir, progress=False)
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before, "nothing written"
     # Evaluation settings are the user's to change: the params are the same.
@@ -184,16 +184,16 @@ def test_a_workdir_holding_scans_or_other_files_is_refused_before_anything_is_wr
     for what, folder in folders.items():
         before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
         match = "is not a petsr_jax run" if what == "other files" else "holds scans"
-        with pytest.raises(workdir_lib.WorkdirError, match=f"workdir {folder} {match}"):
+        with pytest.raises(layout.WorkdirError, match=f"workdir {folder} {match}"):
             train.train_and_evaluate(_config(nifti_root), folder, progress=False)
         assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before, what
 
 
 def test_a_run_workdir_with_notes_in_it_is_still_a_run(run):
-    workdir_lib.check_not_data(run)  # config.json and the run's own files
+    identity.check_not_data(run)  # config.json and the run's own files
     (run / "notes.txt").write_text("lr sweep, 2nd try")
     try:
-        workdir_lib.check_not_data(run)
+        identity.check_not_data(run)
     finally:
         (run / "notes.txt").unlink()
 
@@ -208,7 +208,7 @@ def _metric_lines(workdir: Path) -> list[dict]:
 def test_a_run_resumed_after_a_kill_logs_every_step_once(run, nifti_root, tmp_path):
     """As a kill -9 after step 8 was logged but before its checkpoint leaves the workdir."""
     workdir = _copy(run, tmp_path / "run")
-    for name in train.RUN_OUTPUTS:
+    for name in layout.RUN_OUTPUTS:
         (workdir / name).unlink()
     shutil.rmtree(workdir / "checkpoints" / "8")
     with open(workdir / "metrics.jsonl", "a") as f:

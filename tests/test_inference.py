@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import petsr_jax
-from petsr_jax import checkpoint, inference, io, train
+from petsr_jax import inference, io, train
 from petsr_jax.data.degrade import degrade
+from petsr_jax.run import checkpoint
 from petsr_jax.volume import Volume
 
 

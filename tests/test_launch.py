@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import petsr_jax
-from petsr_jax import checkpoint, cli, data, inference, io, quantitation
+from petsr_jax import cli, data, inference, io, quantitation
 from petsr_jax.config import FLAG_HELP, build_config, variants
+from petsr_jax.run import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(

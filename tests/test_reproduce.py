@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from conftest import blob_volume, make_nifti_root
 
-from petsr_jax import checkpoint, io
-from petsr_jax import workdir as workdir_lib
+from petsr_jax import io
 from petsr_jax.config import build_config
 from petsr_jax.experiments import reproduce
 from petsr_jax.models import create_model
+from petsr_jax.run import checkpoint, identity, layout
 from petsr_jax.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,12 +363,12 @@ def test_a_workdir_of_another_protocol_is_refused_not_reused(reproduced):
     workdir = settings.runs_dir / reproduce.run_name("srcnn", 8, settings)
     config_json = (workdir / "config.json").read_bytes()
     longer = build_config("srcnn", settings.model_arg(8) + ",train.epochs=3")
-    with pytest.raises(workdir_lib.WorkdirError, match=r"train\.epochs: 1 in the workdir, 3 now"):
+    with pytest.raises(layout.WorkdirError, match=r"train\.epochs: 1 in the workdir, 3 now"):
         reproduce.run_all(settings, {("srcnn", 8): longer}, progress=False)
     assert (workdir / "config.json").read_bytes() == config_json
     # Logging cadence changes no number in the tables.
     chatty = build_config("srcnn", settings.model_arg(8) + ",train.log_every_steps=1")
-    workdir_lib.check_same_run(workdir, chatty)
+    identity.check_same_run(workdir, chatty)
 
 
 def test_run_names_keep_protocols_apart():

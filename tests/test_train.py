@@ -17,10 +17,11 @@ import numpy as np
 import optax
 import pytest
 
-from petsr_jax import checkpoint, data, sharding, train
+from petsr_jax import data, sharding, train
 from petsr_jax.config import build_config
 from petsr_jax.data.degrade import degrade
 from petsr_jax.models import SRCNN, DeepSR
+from petsr_jax.run import checkpoint, layout
 from petsr_jax.task import Bicubic, Task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,8 +173,10 @@ def run_without_masks(nifti_root, tmp_path_factory):
     logging.getLogger("petsr_jax.train").addHandler(warnings)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(train, "time", clock)
-            mp.setattr(train.evaluate, "evaluate_run", clock.slow(train.evaluate.evaluate_run))
+            mp.setattr(train.logging, "time", clock)
+            mp.setattr(
+                train.loop.evaluate, "evaluate_run", clock.slow(train.loop.evaluate.evaluate_run)
+            )
             mp.setattr(checkpoint.Checkpoints, "save", clock.slow(checkpoint.Checkpoints.save))
             train.train_and_evaluate(config, workdir, progress=False)
     finally:
@@ -253,12 +256,12 @@ def test_resumed_run_equals_uninterrupted_run(finished_run, nifti_root, tmp_path
 
         return wrapped
 
-    monkeypatch.setattr(train, "jit_train_step", crashing)
+    monkeypatch.setattr(train.loop, "jit_train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, tmp_path, progress=False)
     assert checkpoint.Checkpoints(tmp_path).latest_step() == 4
     monkeypatch.undo()
-    before = json.loads((tmp_path / train.TRAIN_TIME_FILE).read_text())
+    before = json.loads((tmp_path / layout.TRAIN_TIME).read_text())
     assert before["step"] == 4 and before["seconds"] > 0
     results = train.train_and_evaluate(config, tmp_path, progress=False)
     assert results["train_time_s"] > before["seconds"]  # the first session's time is counted
@@ -289,7 +292,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 
         return wrapped
 
-    monkeypatch.setattr(train, "make_train_step", poisoned)
+    monkeypatch.setattr(train.loop, "make_train_step", poisoned)
     with pytest.raises(train.TrainingDiverged, match="loss became nan at step 6"):
         train.train_and_evaluate(config, tmp_path, progress=False)
     ckpts = checkpoint.Checkpoints(tmp_path)

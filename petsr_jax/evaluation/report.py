@@ -1,7 +1,8 @@
 """What a finished run leaves for people: results.json, results.md and figures (the test
 slices side by side, and training curves from metrics.jsonl, shared with the ablations).
 
-Every file goes through `petsr_jax.files`, so an interruption never leaves a half-written result.
+Every file goes through `petsr_jax.io.files`, so an interruption never leaves a half-written
+result; the files' names are `petsr_jax.run.layout`'s.
 """
 
 from __future__ import annotations
@@ -14,11 +15,8 @@ import numpy as np
 
 from petsr_jax.evaluation import regional
 from petsr_jax.evaluation.predict import predict_slices
-from petsr_jax.files import save_figure_atomic, write_atomic, write_json_atomic
-from petsr_jax.workdir import RUN_FILE as RUN_RECORD
-
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "training_curves.png"
+from petsr_jax.io.files import save_figure_atomic, write_atomic, write_json_atomic
+from petsr_jax.run import layout
 
 
 def count_of(n: int, noun: str) -> str:
@@ -96,7 +94,7 @@ def _scoring_note(results: dict) -> str:
 
 
 def run_summary(run_record: dict) -> str:
-    """One paragraph on how a run was made, from its run.json (`workdir.write_run_record`)."""
+    """One paragraph on how a run was made, from its run.json (`run.record.write_run_record`)."""
     versions = run_record.get("versions", {})
     devices = run_record.get("devices", {})
     command = " ".join(run_record.get("command") or []) or "unknown"
@@ -303,7 +301,7 @@ def training_curves_figure(runs):
     baseline = None
     smoothed = False
     for label, workdir in runs:
-        curves = read_metrics(Path(workdir) / METRICS_FILE)
+        curves = read_metrics(Path(workdir) / layout.METRICS)
         if "train/loss" in curves:
             steps, loss = curves["train/loss"]
             if len(loss) >= MIN_POINTS_TO_SMOOTH:
@@ -346,28 +344,24 @@ def write_run_outputs(
     )
     labels = [f"{test_set.patient[i]} z={test_set.slice_index[i]}" for i in picks]
     # The "original" column is what the output is scored against (the task's target).
-    comparison_figure(workdir / "test_slices.png", target, lr_up, sr, row_labels=labels)
+    comparison_figure(workdir / layout.TEST_FIGURE, target, lr_up, sr, row_labels=labels)
     per_slice = {
         "patient": test_set.patient.tolist(),
         "slice_index": [int(i) for i in test_set.slice_index],
         **{k: np.asarray(v).tolist() for k, v in scores.items() if isinstance(v, np.ndarray)},
     }
-    write_json_atomic(workdir / "test_scores.json", per_slice)
+    write_json_atomic(workdir / layout.TEST_SCORES, per_slice)
     label = f"{config.model.name} {config.scale}×"
-    save_figure_atomic(training_curves_figure([(label, workdir)]), workdir / CURVES_FILE)
+    save_figure_atomic(training_curves_figure([(label, workdir)]), workdir / layout.CURVES)
     results = {
         **results,
-        "figure": "test_slices.png",
-        "curves": CURVES_FILE,
-        "run_record": RUN_RECORD,
+        "figure": layout.TEST_FIGURE,
+        "curves": layout.CURVES,
+        "run_record": layout.RUN_RECORD,
     }
-    write_json_atomic(workdir / "results.json", results)
-    run_record = _read_json(workdir / RUN_RECORD)
-    write_atomic(workdir / "results.md", results_markdown(results, run_record).encode())
-
-
-def _read_json(path: Path) -> dict | None:
+    write_json_atomic(workdir / layout.RESULTS, results)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+        run_record = layout.read_record(workdir, layout.RUN_RECORD)
+    except layout.WorkdirError:
+        run_record = None  # results.md without how the run was made, rather than no results
+    write_atomic(workdir / layout.RESULTS_MD, results_markdown(results, run_record).encode())

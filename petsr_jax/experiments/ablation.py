@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -35,12 +34,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from petsr_jax import checkpoint, data, files, sharding, train
-from petsr_jax import workdir as workdir_lib
+from petsr_jax import data, sharding, train
 from petsr_jax.config import field_names, parse_value, validate
 from petsr_jax.data import mr
 from petsr_jax.evaluation import evaluate, report
+from petsr_jax.io import files
 from petsr_jax.models import abstract_params, create_model
+from petsr_jax.run import checkpoint, identity, layout
+from petsr_jax.run.lock import WorkdirLock
 from petsr_jax.task import Task
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ log = logging.getLogger(__name__)
 # Short sweep names for the two ablations of the paper's discussion.
 SWEEP_ALIASES = {"depth": "model.num_blocks", "lr": "train.lr"}
 
-VAL_RESULTS_FILE = "val_results.json"
 # Metrics shown in the table and plots: (key, label, digits, higher is better).
 TABLE_METRICS = (
     ("psnr", "PSNR (dB)", 2, True),
@@ -148,7 +148,7 @@ def format_value(value: Any) -> str:
 
 
 def _prefix(config) -> str:
-    """`<model>_x<scale>[_<cohort>]`, as `workdir.readable_name` begins."""
+    """`<model>_x<scale>[_<cohort>]`, as `run.identity.readable_name` begins."""
     prefix = f"{config.model.name}_x{config.scale}"
     if not config.data.root and config.data.cohort != "paper":
         prefix += f"_{config.data.cohort}"
@@ -192,10 +192,10 @@ def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Swe
             continue
         workdir = Path(runs_dir).absolute() / run_name(run_config, swept, value)
         try:
-            workdir_lib.check_same_run(
+            identity.check_same_run(
                 workdir, run_config, remedy="Give another --runs folder for this sweep"
             )
-        except workdir_lib.WorkdirError as error:
+        except layout.WorkdirError as error:
             errors.append(str(error))
         runs.append((value, run_config, workdir))
     if errors:
@@ -206,12 +206,11 @@ def plan_sweep(config, sweep: str, values: Sequence[Any], runs_dir) -> tuple[Swe
 def val_results(config, workdir: Path, results: dict) -> dict:
     """Validation summary of the params a finished run scored (`eval.weights`: best or final;
     cached in `val_results.json`)."""
-    path = Path(workdir) / VAL_RESULTS_FILE
+    path = Path(workdir) / layout.VAL_RESULTS
     key = {"best_step": results["best_step"], "step": results["step"], "lpips": config.eval.lpips}
-    if path.exists():
-        cached = json.loads(path.read_text())
-        if {k: cached.get(k) for k in key} == key:
-            return cached["val"]
+    cached = layout.read_record(workdir, layout.VAL_RESULTS)
+    if cached is not None and {k: cached.get(k) for k in key} == key:
+        return cached["val"]
     mesh = sharding.make_mesh()
     model = create_model(config)
     which = "last" if config.eval.weights == "final" else "best"
@@ -219,7 +218,7 @@ def val_results(config, workdir: Path, results: dict) -> dict:
         workdir, abstract_params(model, config.model.in_channels, sharding.replicated(mesh)), which
     )
     root = data.resolve_root(config)
-    split = checkpoint.read_json(Path(workdir) / "split.json")
+    split = layout.read_record(workdir, layout.SPLIT)
     val_set = data.build_slice_set(
         root,
         split["val"],
@@ -274,7 +273,7 @@ def run_sweep(
     swept, runs = plan_sweep(config, sweep, values, runs_dir)
     out_dir = Path(out_dir if out_dir is not None else Path(runs_dir) / sweep_name(config, swept))
     # One writer per sweep folder: a second sweep into it stops before training anything.
-    lock = workdir_lib.WorkdirLock(out_dir, what="ablation")
+    lock = WorkdirLock(out_dir, what="ablation")
     with lock if jax.process_index() == 0 else contextlib.nullcontext():
         return _sweep(config, swept, runs, out_dir, progress)
 
@@ -285,7 +284,7 @@ def _sweep(config, swept: Sweep, runs: list, out_dir: Path, progress: bool) -> d
         log.info("%s = %s: %s", swept.field, format_value(value), workdir)
         results = train.train_and_evaluate(run_config, workdir, progress=progress)
         val = val_results(run_config, workdir, results)
-        recorded = checkpoint.read_json(workdir / "config.json")
+        recorded = layout.read_config(workdir)
         rows.append(
             {
                 "value": value,

@@ -15,14 +15,15 @@ and `launch/reproduce.py` write its table and figure.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from petsr_jax import data, files
+from petsr_jax import data
 from petsr_jax.evaluation import report
+from petsr_jax.io import files
+from petsr_jax.run import layout
 
 # Columns: (results key, header, digits). Whole-slice and brain scores of the run's domain.
 SCORE_COLUMNS = (
@@ -49,13 +50,16 @@ class ComparisonError(ValueError):
 def read_run(workdir) -> dict:
     """A finished run's results.json, split.json and config.json."""
     workdir = Path(workdir)
-    try:
-        return {
-            name: json.loads((workdir / f"{name}.json").read_text())
-            for name in ("results", "split", "config")
-        } | {"workdir": workdir}
-    except (OSError, json.JSONDecodeError) as error:
-        raise ComparisonError(f"{workdir}: not a finished training run ({error})") from None
+    run = {"workdir": workdir}
+    records = {"results": layout.RESULTS, "split": layout.SPLIT, "config": layout.CONFIG}
+    for key, name in records.items():
+        try:
+            run[key] = layout.read_record(workdir, name)
+        except layout.WorkdirError as error:
+            raise ComparisonError(f"{workdir}: not a finished training run ({error})") from None
+        if run[key] is None:
+            raise ComparisonError(f"{workdir}: not a finished training run (no {name})")
+    return run
 
 
 def check_comparable(pet_only: dict, mr_guided: dict) -> None:
@@ -231,7 +235,7 @@ def compare_workdirs(pet_only_dir, mr_guided_dir, out_dir, *, stem: str = "mr_co
     pet_only, mr_guided = read_run(pet_only_dir), read_run(mr_guided_dir)
     check_comparable(pet_only, mr_guided)
     resolvers = inference.load(pet_only_dir), inference.load(mr_guided_dir)
-    root = Path(json.loads((Path(mr_guided_dir) / "data_info.json").read_text())["root"])
+    root = Path(layout.read_data_info(mr_guided_dir)["root"])
     for run, resolver in zip((pet_only, mr_guided), resolvers, strict=True):
         add_regional(run, resolver, root)
     rows = comparison_rows(pet_only, mr_guided)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import shlex
 import time
@@ -56,12 +55,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from petsr_jax import data, files, train
-from petsr_jax import workdir as workdir_lib
+from petsr_jax import data, train
 from petsr_jax.config import FLAGS, build_config, validate
 from petsr_jax.evaluation import report
 from petsr_jax.evaluation.report import count_of
 from petsr_jax.experiments import mr_guidance
+from petsr_jax.io import files
+from petsr_jax.run import identity, layout
+from petsr_jax.run.lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
@@ -263,17 +264,18 @@ def run_all(settings: Settings, configs: dict, *, progress: bool = True) -> dict
     # Every workdir is checked before the first run starts, so a refusal costs no training.
     for key, config in configs.items():
         try:
-            workdir_lib.check_same_run(
+            identity.check_same_run(
                 workdirs[key], config, remedy="Give another --runs folder for these settings"
             )
-        except workdir_lib.WorkdirError as error:
+        except layout.WorkdirError as error:
             raise ReproduceError(str(error)) from None
     records = {}
     for (model, scale), config in configs.items():
         workdir = workdirs[(model, scale)]
-        results_path = workdir / "results.json"
+        results_path = workdir / layout.RESULTS
         before = results_path.stat().st_mtime_ns if results_path.exists() else None
-        resumable = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
+        checkpoints = workdir / layout.CHECKPOINTS
+        resumable = checkpoints.is_dir() and any(checkpoints.iterdir())
         t0 = time.perf_counter()
         results = train.train_and_evaluate(config, workdir, progress=progress)
         wall = time.perf_counter() - t0
@@ -287,11 +289,15 @@ def run_all(settings: Settings, configs: dict, *, progress: bool = True) -> dict
     return records
 
 
-def _read_json(path: Path) -> dict:
+def _read_record(workdir: Path, name: str) -> dict:
+    """A record of a finished run (`layout.read_record`); one that is absent is an error here."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ReproduceError(f"cannot read {path}: {e}") from e
+        record = layout.read_record(workdir, name)
+    except layout.WorkdirError as e:
+        raise ReproduceError(f"cannot read {e}") from None
+    if record is None:
+        raise ReproduceError(f"cannot read {Path(workdir) / name}: no such file")
+    return record
 
 
 def check_bicubic_agrees(srcnn: RunRecord, deepsr: RunRecord) -> None:
@@ -302,13 +308,13 @@ def check_bicubic_agrees(srcnn: RunRecord, deepsr: RunRecord) -> None:
     workdirs and the first disagreement.
     """
     where = f"{srcnn.workdir} and {deepsr.workdir}"
-    split_a, split_b = (_read_json(r.workdir / "split.json") for r in (srcnn, deepsr))
+    split_a, split_b = (_read_record(r.workdir, layout.SPLIT) for r in (srcnn, deepsr))
     if split_a.get("test") != split_b.get("test"):
         raise ReproduceError(
             f"{where} have different test patients ({split_a.get('test')} vs "
             f"{split_b.get('test')}); the tables need both models on the same test split"
         )
-    scores_a, scores_b = (_read_json(r.workdir / "test_scores.json") for r in (srcnn, deepsr))
+    scores_a, scores_b = (_read_record(r.workdir, layout.TEST_SCORES) for r in (srcnn, deepsr))
     for key in ("patient", "slice_index"):
         if scores_a.get(key) != scores_b.get(key):
             raise ReproduceError(f"{where}: the test slices differ ({key} lists disagree)")
@@ -450,7 +456,7 @@ def regional_recovery(models: dict, records: dict, configs: dict, scale: int) ->
     mesh = sharding.make_mesh(jax.local_devices())
     srcnn = records[("srcnn", scale)]
     root = data.resolve_root(configs[("srcnn", scale)])
-    patients = _read_json(srcnn.workdir / "split.json")["test"]
+    patients = _read_record(srcnn.workdir, layout.SPLIT)["test"]
     out = {}
     for (name, s), resolver in models.items():
         if s != scale:
@@ -510,7 +516,7 @@ def regional_markdown(scale: int, recovery: dict) -> str:
 def figure_slices(config, workdir: Path) -> FigureSlices:
     """Up to `eval.num_figure_slices` test slices of different patients of a run's test split."""
     root = data.resolve_root(config)
-    split = _read_json(Path(workdir) / "split.json")
+    split = _read_record(workdir, layout.SPLIT)
     test_set = data.build_slice_set(
         root, split["test"], eval_split=True, rule=config.data.eval_slices
     )
@@ -693,7 +699,7 @@ def protocol_description(settings: Settings) -> str:
 
 
 def _split_description(record: RunRecord) -> str:
-    split = _read_json(record.workdir / "split.json")
+    split = _read_record(record.workdir, layout.SPLIT)
     counts = ", ".join(f"{len(split[k])} {k}" for k in ("train", "val", "test"))
     return f"{counts} patients"
 
@@ -827,7 +833,7 @@ def reproduce(
 def _writer_lock(folder: Path, what: str):
     if jax.process_index() != 0:
         return contextlib.nullcontext()
-    return workdir_lib.WorkdirLock(folder, what=what)
+    return WorkdirLock(folder, what=what)
 
 
 def _tables_and_figures(settings, configs, records, t_start: float, command) -> dict:

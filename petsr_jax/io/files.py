@@ -1,26 +1,37 @@
-"""Where outputs land: whole or not at all, never over the input, never over an earlier result.
+"""Every file the project writes is whole or absent: written under a temporary name, then renamed.
 
-Every output (a DICOM series folder, a NIfTI file) is first written completely under a
-temporary name beside its target, then renamed; several outputs of one scan are renamed together
-by `commit`, which renames all of them or, on failure, none. Temporary names are recognisable,
+Small files — a run's records and results, JSON, markdown, figures — go through `write_atomic`
+(`write_json_atomic`, `save_figure_atomic`): one temporary sibling, flushed, then one rename,
+which is atomic on POSIX file systems. An interruption (Ctrl-C, a killed job, a full disk) never
+leaves a half-written file, and a reader never sees one.
 
-    .<target name>.<host>-<pid>-<random>.tmp           (a DICOM series folder)
+Scan outputs (a DICOM series folder, a NIfTI file) are first written completely under a
+temporary name beside their target (`staging`), then renamed; several outputs of one scan are
+renamed together by `commit`, which renames all of them or, on failure, none. They are never
+written over the input, nor over an earlier result.
+
+Every temporary name is recognisable and names its writer,
+
+    .<target name>.<host>-<pid>-<random>.tmp           (a file, or a DICOM series folder)
     .<target stem>.<host>-<pid>-<random>.tmp.nii.gz    (a NIfTI file)
 
 so a process killed mid-write (kill -9, a lost node) leaves something the next run can handle:
 readers skip these names, and the next writer into the same folder removes those whose process
-is gone (same host, pid no longer running). Leftovers of another host, or of a process still
-running, are left alone; the reader names them in its warning.
+is gone (same host, pid no longer running: `process_running`, the one liveness check, which the
+workdir lock uses too). Leftovers of another host, or of a process still running, are left
+alone; the reader names them in its warning.
 
-Every failure to write (permissions, a full disk, a file system that refuses a rename) becomes
-one `ScanError` naming the target and the cause, and clean-up after a failure never raises an
-error of its own over the first one.
+Every failure to write a scan output (permissions, a full disk, a file system that refuses a
+rename) becomes one `ScanError` naming the target and the cause, and clean-up after a failure
+never raises an error of its own over the first one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
+import json
 import os
 import re
 import shutil
@@ -81,19 +92,22 @@ def is_temporary(name: str) -> bool:
     return bool(_TEMPORARY.match(name))
 
 
+def process_running(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def _process_is_gone(match: re.Match) -> bool:
     if match["host"] != _this_host():
         return False  # another machine's process: its state cannot be known from here
     pid = int(match["pid"])
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False  # exists, owned by someone else
-    return False
+    return pid != os.getpid() and not process_running(pid)
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -199,3 +213,37 @@ def commit(staged: Sequence[Staged]) -> None:
     finally:
         for item in staged:
             remove_quietly(item.temporary)
+
+
+def write_atomic(path: Path, payload: bytes) -> Path:
+    """Write `payload` to `path` through a temporary sibling and a rename; return `path`.
+
+    The file gets the permissions a plain `open` would give it (0666 less the umask), so results
+    are readable by collaborators. An `OSError` leaves no temporary behind and `path` as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_name(path)
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        remove_quietly(temporary)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, obj, *, sort_keys: bool = False) -> Path:
+    """`obj` as indented JSON (and a final newline) through `write_atomic`."""
+    return write_atomic(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
+
+
+def save_figure_atomic(fig, path: Path, **kwargs) -> Path:
+    """`fig.savefig` (format from the suffix, png without one) through `write_atomic`."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+    return write_atomic(path, buffer.getvalue())

@@ -20,17 +20,24 @@ fall back to the latest full state with a warning naming both, as `which="last"`
 Every step records, in its Orbax custom metadata, the config.json the run was trained with, so
 `check_config_unedited` can tell a config.json edited after training (scale 8 → 16: the params
 would load and score as a 16× model) and name the fields that differ.
+
+`check_free_space` refuses, before training, a disk that cannot hold the checkpoints a run keeps.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+
+from petsr_jax.run import identity, layout
+from petsr_jax.run.record import never_checkpointed
 
 
 class CheckpointError(RuntimeError):
@@ -197,12 +204,11 @@ def _damaged(step_dir: Path, error: BaseException, earlier: list[int]) -> Checkp
 
 def _run_config(workdir: Path) -> dict | None:
     """The config.json of a workdir, or None when it is absent or unreadable (then there is no
-    record to keep, and `workdir.recorded_config` reports the damage)."""
+    record to keep, and `identity.check_same_run` reports the damage)."""
     try:
-        record = json.loads((Path(workdir) / "config.json").read_text())
-    except (OSError, ValueError):
+        return layout.read_config(workdir)
+    except layout.WorkdirError:
         return None
-    return record if isinstance(record, dict) else None
 
 
 def trained_config(step_dir: Path) -> dict | None:
@@ -218,11 +224,11 @@ def trained_config(step_dir: Path) -> dict | None:
 
 def _step_dirs(workdir: Path) -> list[Path]:
     """Every committed step of `checkpoints/` and `best/`, newest first."""
-    steps = []
-    for folder in ("checkpoints", "best"):
-        parent = Path(workdir) / folder
-        if parent.is_dir():
-            steps += [p for p in parent.iterdir() if p.name.isdigit() and p.is_dir()]
+    steps = [
+        Path(workdir) / folder / str(step)
+        for folder in (layout.CHECKPOINTS, layout.BEST)
+        for step in layout.steps(workdir, folder)
+    ]
     return sorted(steps, key=lambda p: -int(p.name))
 
 
@@ -230,12 +236,10 @@ def check_config_unedited(workdir, recorded: dict | None = None) -> None:
     """Refuse a workdir whose config.json no longer says what its checkpoints were trained with.
 
     `recorded` is the workdir's config.json (read when not given). Only fields that change the
-    trained parameters count (`workdir.defining_differences`), and only fields both records
+    trained parameters count (`identity.defining_differences`), and only fields both records
     hold (a field added to the project since is not an edit). Raises `CheckpointError` naming
     each edited field with both values, before anything is restored or written.
     """
-    from petsr_jax import workdir as workdir_lib  # it decides which fields define a run
-
     workdir = Path(workdir)
     recorded = _run_config(workdir) if recorded is None else recorded
     if recorded is None:
@@ -244,11 +248,11 @@ def check_config_unedited(workdir, recorded: dict | None = None) -> None:
         trained = trained_config(step_dir)
         if trained is None:
             continue
-        rows = workdir_lib.edited_fields(trained, recorded)
+        rows = identity.edited_fields(trained, recorded)
         if rows:
             listed = "; ".join(rows[:_MAX_LISTED]) + ("; ..." if len(rows) > _MAX_LISTED else "")
             raise CheckpointError(
-                f"{workdir / 'config.json'} was edited after training: {listed}. The params in "
+                f"{workdir / layout.CONFIG} was edited after training: {listed}. The params in "
                 f"{step_dir.parent.name}/{step_dir.name} were trained with the first values; put "
                 "them back in config.json, or train the edited config in another workdir."
             )
@@ -277,7 +281,7 @@ class Checkpoints:
         # named after the step, so without distinct prefixes the second save of a step meets
         # the first one's barrier "already ongoing" and times out.
         self.last = ocp.CheckpointManager(
-            workdir / "checkpoints",
+            workdir / layout.CHECKPOINTS,
             options=_manager_options(
                 max_to_keep=keep,
                 multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -287,7 +291,7 @@ class Checkpoints:
             item_names=("state", "data_iter"),
         )
         self.best = ocp.CheckpointManager(
-            workdir / "best",
+            workdir / layout.BEST,
             options=_manager_options(
                 max_to_keep=1,
                 best_fn=lambda m: m["val_psnr"],
@@ -393,13 +397,13 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
     # (Orbax's read_only option would do too, but warns on every restore.)
     no_create = ocp.CheckpointManagerOptions(create=False)
     damaged_best = None  # (step folder, error) of best params that cannot be read
-    if which == "best" and (workdir / "best").is_dir():
+    if which == "best" and (workdir / layout.BEST).is_dir():
         with ocp.CheckpointManager(
-            workdir / "best", options=no_create, item_names=("params",)
+            workdir / layout.BEST, options=no_create, item_names=("params",)
         ) as mngr:
             step = mngr.latest_step()
             if step is not None:
-                step_dir = workdir / "best" / str(step)
+                step_dir = workdir / layout.BEST / str(step)
                 _check_structure(step_dir / "params", like, "params")
                 try:
                     return mngr.restore(
@@ -411,21 +415,19 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         f"{workdir} holds no checkpoint (looked in best/ and checkpoints/); is it the workdir "
         "of a training run?"
     )
-    if (workdir / "config.json").is_file():  # it is: a training that never saved a step
-        from petsr_jax.workdir import never_checkpointed
-
+    if (workdir / layout.CONFIG).is_file():  # it is: a training that never saved a step
         no_checkpoint = CheckpointError(never_checkpointed(workdir))
     if damaged_best is not None:  # nothing to fall back to: the damage is the error
         no_checkpoint = _damaged(*damaged_best, [])
-    if not (workdir / "checkpoints").is_dir():
+    if not (workdir / layout.CHECKPOINTS).is_dir():
         raise no_checkpoint
     with ocp.CheckpointManager(
-        workdir / "checkpoints", options=no_create, item_names=("state", "data_iter")
+        workdir / layout.CHECKPOINTS, options=no_create, item_names=("state", "data_iter")
     ) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise no_checkpoint
-        step_dir = workdir / "checkpoints" / str(step)
+        step_dir = workdir / layout.CHECKPOINTS / str(step)
         _check_structure(step_dir / "state", like, "params of a full state")
         target = {"params": like}
         try:
@@ -453,5 +455,27 @@ def restore_params(workdir: str | Path, like_params, which: str = "best"):
         return restored.state["params"]
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+# Room for metrics, TensorBoard events, the figure and result files beside the checkpoints.
+OUTPUT_MARGIN_BYTES = 16 * 2**20
+
+
+def check_free_space(workdir: Path, state, keep: int) -> None:
+    """Fail before training when the workdir's disk cannot hold the run's checkpoints.
+
+    Orbax writes a new step before deleting the oldest, so a run holds up to `keep + 1` full
+    states (params and optimizer state) and one params-only best checkpoint; steps already in
+    the workdir are replaced, not added.
+    """
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    params_bytes = sum(x.nbytes for x in jax.tree.leaves(state.params))
+    existing = len(layout.steps(workdir))
+    needed = max(keep + 1 - existing, 1) * state_bytes + params_bytes + OUTPUT_MARGIN_BYTES
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        error = OSError(
+            f"workdir {workdir} has {free / 2**20:.1f} MiB free; this run's checkpoints and "
+            f"outputs need about {needed / 2**20:.1f} MiB. Free some space or choose another "
+            "--workdir"
+        )
+        error.errno = errno.ENOSPC
+        raise error
