@@ -198,7 +198,7 @@ def benchmark_train(
     import numpy as np
 
     from petsr_jax import sharding, train
-    from petsr_jax.models import count_params, create_model
+    from petsr_jax.models import create_model
     from petsr_jax.task import Bicubic, Task
 
     config = bench_config(model, blocks, precision, remat=remat, scale=scale, conv=conv)
@@ -223,25 +223,49 @@ def benchmark_train(
         metrics["loss"].block_until_ready()
 
     times = time_calls(one_step, steps, warmup)
+    return _network_result(
+        "train",
+        (model, blocks, size, batch, precision, config.model.conv, steps),
+        state.params,
+        times,
+        images=batch,
+        flops=3 * forward_flops_per_pixel(state.params) * size * size * batch,
+        compiled=compiled,
+        remat=remat,
+        donate=donate,
+        scale=scale,
+    )
+
+
+def _network_result(
+    mode: str, what: tuple, params, times, *, images, flops, compiled=None, **extra
+):
+    """A network benchmark's result, the same fields for every mode: the environment, what ran
+    (`what`: model, blocks, size, batch, precision, conv, steps; `extra`: the mode's own
+    settings), per-step rates of `images` and `flops`, and peak memory, with XLA's fusions and
+    scratch where the `compiled` executable is given."""
+    import jax
+
+    from petsr_jax.models import count_params
+
+    model, blocks, size, batch, precision, conv, steps = what
     device = jax.devices()[0]
-    flops = 3 * forward_flops_per_pixel(state.params) * size * size * batch
     result = {
         **_environment(device),
         "model": model,
         "blocks": blocks if model == "deepsr" else None,
         "size": size,
         "batch": batch,
-        "mode": "train",
+        "mode": mode,
         "precision": precision,
-        "remat": remat,
-        "donate": donate,
-        "scale": scale,
-        "conv": config.model.conv,
+        "conv": conv,
         "steps": steps,
-        "params": count_params(state.params),
-        "ynn_fusions": ynn_fusions_in(compiled.as_text()),
+        **extra,
+        "params": count_params(params),
     }
-    _rates(result, times, batch, flops, device, PRECISIONS[precision])
+    if compiled is not None:
+        result["ynn_fusions"] = ynn_fusions_in(compiled.as_text())
+    _rates(result, times, images, flops, device, PRECISIONS[precision])
     result.update(peak_memory(device, compiled))
     return result
 
@@ -275,31 +299,20 @@ def benchmark_infer(
     import jax
     import numpy as np
 
-    from petsr_jax.models import count_params
-
     conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
     forward = jax.jit(lambda p, x: net.apply({"params": p}, x))
     x = jax.device_put(np.random.default_rng(seed).random((batch, size, size, 1), np.float32))
     compiled = forward.lower(params, x).compile()
     times = time_calls(lambda: compiled(params, x).block_until_ready(), steps, warmup)
-    device = jax.devices()[0]
-    result = {
-        **_environment(device),
-        "model": model,
-        "blocks": blocks if model == "deepsr" else None,
-        "size": size,
-        "batch": batch,
-        "mode": "infer",
-        "precision": precision,
-        "conv": conv,
-        "steps": steps,
-        "params": count_params(params),
-        "ynn_fusions": ynn_fusions_in(compiled.as_text()),
-    }
-    flops = forward_flops_per_pixel(params) * size * size * batch
-    _rates(result, times, batch, flops, device, PRECISIONS[precision])
-    result.update(peak_memory(device, compiled))
-    return result
+    return _network_result(
+        "infer",
+        (model, blocks, size, batch, precision, conv, steps),
+        params,
+        times,
+        images=batch,
+        flops=forward_flops_per_pixel(params) * size * size * batch,
+        compiled=compiled,
+    )
 
 
 def benchmark_volume(
@@ -322,12 +335,10 @@ def benchmark_volume(
     slices) from host numpy to host numpy. A warm-up runs one batch, not whole volumes (a 384²
     volume takes minutes on a CPU): every batch, the last one included, has the same shape.
     """
-    import jax
     import numpy as np
 
     from petsr_jax import sharding
     from petsr_jax.evaluation import predict
-    from petsr_jax.models import count_params
     from petsr_jax.task import Bicubic, Task
 
     conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
@@ -342,25 +353,17 @@ def benchmark_volume(
     for _ in range(warmup):
         run(volume[: min(batch, slices)])
     times = time_calls(lambda: run(volume), steps, 0)
-    device = jax.devices()[0]
-    result = {
-        **_environment(device),
-        "model": model,
-        "blocks": blocks if model == "deepsr" else None,
-        "size": size,
-        "batch": batch,
-        "slices": slices,
-        "mode": "volume",
-        "precision": precision,
-        "conv": conv,
-        "steps": steps,
-        "params": count_params(params),
-    }
-    flops = forward_flops_per_pixel(params) * size * size * slices
-    _rates(result, times, slices, flops, device, PRECISIONS[precision])
+    result = _network_result(
+        "volume",
+        (model, blocks, size, batch, precision, conv, steps),
+        params,
+        times,
+        images=slices,
+        flops=forward_flops_per_pixel(params) * size * size * slices,
+        slices=slices,
+    )
     result["seconds_per_volume"] = result["seconds_per_step"]
     result["slices_per_s"] = result["images_per_s"]
-    result.update(peak_memory(device))
     return result
 
 
