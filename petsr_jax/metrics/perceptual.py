@@ -42,24 +42,26 @@ VGG_WEIGHTS_FILE = "vgg16_weights.h5"
 LIN_WEIGHTS_FILE = "lpips_lin.h5"
 WEIGHT_FILES = (VGG_WEIGHTS_FILE, LIN_WEIGHTS_FILE)
 
-# (layer name in vgg16_weights.h5, input channels, output channels), in network order.
-VGG16_CONV_LAYERS = (
-    ("conv1_1", 3, 64),
-    ("conv1_2", 64, 64),
-    ("conv2_1", 64, 128),
-    ("conv2_2", 128, 128),
-    ("conv3_1", 128, 256),
-    ("conv3_2", 256, 256),
-    ("conv3_3", 256, 256),
-    ("conv4_1", 256, 512),
-    ("conv4_2", 512, 512),
-    ("conv4_3", 512, 512),
-    ("conv5_1", 512, 512),
-    ("conv5_2", 512, 512),
-    ("conv5_3", 512, 512),
-)
-# Channels of relu1_2 ... relu5_3, the features LPIPS compares; one linear layer each.
-LIN_CHANNELS = (64, 128, 256, 512, 512)
+# VGG16's convolutional part: five blocks of 3×3 convolutions, (output channels, how many),
+# each ending in the ReLU whose features LPIPS compares (relu1_2, relu2_2, relu3_3, relu4_3,
+# relu5_3), with a 2×2 max-pool between blocks.
+VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+
+def _vgg16_conv_layers() -> tuple[tuple[str, int, int], ...]:
+    """(layer name in vgg16_weights.h5, input channels, output channels), in network order:
+    ("conv1_1", 3, 64), ("conv1_2", 64, 64), ("conv2_1", 64, 128), ... ("conv5_3", 512, 512)."""
+    layers, c_in = [], 3
+    for block, (c_out, count) in enumerate(VGG16_BLOCKS, start=1):
+        for i in range(1, count + 1):
+            layers.append((f"conv{block}_{i}", c_in, c_out))
+            c_in = c_out
+    return tuple(layers)
+
+
+VGG16_CONV_LAYERS = _vgg16_conv_layers()
+# Channels of the five compared features; one linear layer each.
+LIN_CHANNELS = tuple(c_out for c_out, _ in VGG16_BLOCKS)
 # relu5_3 is taken after four 2x2 max-pools: smaller images leave it empty and LPIPS undefined.
 MIN_IMAGE_SIZE = 16
 
