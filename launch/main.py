@@ -1,4 +1,4 @@
-"""Train and evaluate one model: flags → validate → `train_and_evaluate(config, workdir)`.
+"""Train and evaluate one model: flags → `train_and_evaluate(config, workdir)`.
 
 Examples, one per use:
 
@@ -31,7 +31,7 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from petsr_jax import cli, data, distributed, io, train  # noqa: E402
-from petsr_jax.config import ConfigError, validate  # noqa: E402
+from petsr_jax.config import ConfigError  # noqa: E402
 from petsr_jax.evaluation import report  # noqa: E402
 from petsr_jax.run import checkpoint, identity, layout  # noqa: E402
 
@@ -62,9 +62,11 @@ USER_ERRORS = (
 
 
 def run(config, workdir: str | None) -> dict:
-    """Start the distributed runtime if asked, check the config, train, print the results."""
+    """Start the distributed runtime if asked, train, print the results.
+
+    The config is checked once, by `train_and_evaluate`, before it touches data or the workdir.
+    """
     distributed.initialize(config)  # first: it must precede anything that starts JAX
-    validate(config)
     workdir = workdir or str(identity.default_workdir(config))
     logging.info("workdir: %s", workdir)
     results = train.train_and_evaluate(config, workdir)
