@@ -265,6 +265,15 @@ def _manager_options(**kwargs) -> ocp.CheckpointManagerOptions:
     return ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True, **kwargs)
 
 
+def _checked_step(manager: ocp.CheckpointManager, step: int, item: str, like) -> Path:
+    """The folder of `step`, whose saved `item` ("state" or "params") has been checked against
+    `like` (`CheckpointError` for another model), ready for a restore that may fail."""
+    step_dir = Path(manager.directory) / str(step)
+    _check_structure(step_dir / item, like, item)
+    _ignore_orphaned_reads()
+    return step_dir
+
+
 class Checkpoints:
     """The two checkpoint managers of a workdir.
 
@@ -318,9 +327,7 @@ class Checkpoints:
 
     def restore(self, step: int, like_state):
         """(state, data_iter_state) of `step`, laid out like `like_state` (same shardings)."""
-        step_dir = Path(self.last.directory) / str(step)
-        _check_structure(step_dir / "state", like_state, "state")
-        _ignore_orphaned_reads()
+        step_dir = _checked_step(self.last, step, "state", like_state)
         try:
             restored = self.last.restore(
                 step,
@@ -351,9 +358,7 @@ class Checkpoints:
         step = self.best.best_step()
         if step is None:
             return None
-        step_dir = Path(self.best.directory) / str(step)
-        _check_structure(step_dir / "params", like_params, "params")
-        _ignore_orphaned_reads()
+        step_dir = _checked_step(self.best, step, "params", like_params)
         try:
             restored = self.best.restore(
                 step,

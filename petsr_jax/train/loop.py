@@ -23,7 +23,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
+import optax
 
 from petsr_jax import data, sharding
 from petsr_jax.data import mr
@@ -36,6 +38,7 @@ from petsr_jax.run.record import write_run_record
 from petsr_jax.task import Task
 from petsr_jax.train.logging import TrainClock, TrainingLog, is_primary
 from petsr_jax.train.step import (
+    TrainState,
     init_state,
     jit_train_step,
     make_optimizer,
@@ -85,9 +88,9 @@ class RunData:
 
     root: Path
     split: dict
-    train: Any  # data.SliceSet
-    val: Any
-    test: Any
+    train: data.SliceSet
+    val: data.SliceSet
+    test: data.SliceSet
     task: Task
     steps_per_epoch: int
     total_steps: int
@@ -182,17 +185,17 @@ class Training:
     """What the loop works on: the network, its optimizer and state (restored when resumed),
     the checkpoints that keep it, and the position of the training data."""
 
-    mesh: Any
-    model: Any
-    tx: Any
-    state: Any
+    mesh: jax.sharding.Mesh
+    model: nn.Module
+    tx: optax.GradientTransformation
+    state: TrainState
     ckpts: checkpoint.Checkpoints
     train_iter: Any
     start_step: int
     clock: TrainClock  # training time, carried across resumptions
 
 
-def build_training(config, workdir: Path, train_set) -> Training:
+def build_training(config, workdir: Path, train_set: data.SliceSet) -> Training:
     """The model and a fresh train state, replicated over the mesh, or the state and data
     position of the latest checkpoint."""
     mesh = sharding.make_mesh()
