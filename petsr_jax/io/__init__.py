@@ -9,9 +9,10 @@ one: they write under a temporary name beside the target and rename at the end.
 
 One module per concern: `dicom` (series in folders), `nifti` (files), `units` (DICOM units and
 SUV), `geometry` (slice order, affines, LPS / RAS, grids refused at the door), `files`
-(temporary names, all-or-nothing renames, leftovers of interrupted writes), `outputs` (a DICOM
-series and a NIfTI file of one scan written together, all or nothing), `resample` (voxel size
-and grid, geometry kept true), `errors` (`ScanError`).
+(every write of the project, scans and a run's records alike: temporary names, all-or-nothing
+renames, leftovers of interrupted writes), `outputs` (a DICOM series and a NIfTI file of one
+scan written together, all or nothing), `resample` (voxel size and grid, geometry kept true),
+`errors` (`ScanError`).
 Array conventions are in the `dicom` and `nifti` module docstrings; the SUV formula in `units`.
 """
 
