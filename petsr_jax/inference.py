@@ -17,9 +17,9 @@ are two ways to use one on a scan:
 
 Inputs and outputs are in physical units. Each call normalises its input the way training did
 (`data.normalise`: divided by the volume's maximum; for a model of the paper's domain then each
-slice min–max to 8-bit levels, `data.to_domain`), runs the network on batches of slices
+slice min–max to 8-bit levels, `data.Domain`), runs the network on batches of slices
 through one jitted function (compiled once per slice shape, any H × W, nothing padded in plane),
-and maps the result back (`data.from_domain`, `data.denormalise`), so outputs come back in the
+and maps the result back (`Domain.decode`, `data.denormalise`), so outputs come back in the
 input's units.
 
 A model trained with MR guidance (config `mr`, `petsr_jax.data.mr`) needs the co-registered T1
@@ -287,7 +287,7 @@ class SuperResolver:
         # activity kept), in the training data's voxels: one object with training's.
         self.task = Task.from_config(config, spacing_mm=_training_spacing(data_info))
         # "physical": each volume / its maximum; "paper": each slice min–max to 8-bit levels
-        # (data.to_domain), as the model was trained.
+        # (data.Domain), as the model was trained.
         self.domain = self.task.degradation.domain
         # MR guidance channels the model was trained with (none for a PET-only model).
         self.guidance = self.task.guidance
@@ -424,7 +424,7 @@ class SuperResolver:
     def _units_warnings(self, volume: Volume, name: str) -> list[str]:
         """What the user should know about units that do not change the network's input."""
         trained, units = self.trained_units, volume.units
-        if self.domain == "paper":
+        if self.domain.eight_bit:
             return []  # per-slice min–max: any linear unit gives the same network input
         if self.data_info is None:
             return [
@@ -509,7 +509,7 @@ class SuperResolver:
         model's input resolution (`fwhm_pixels`). The slices are one volume, in order: a 2.5D
         model takes each slice's neighbours from them."""
         self._check_channels(guide is not None)
-        encoded, low, span = data.to_domain(slices, self.domain)
+        encoded, low, span = self.domain.encode(slices)
         context = self._context(encoded, self.task.context)
         fwhm = np.float32(0.0 if fwhm_px is None else fwhm_px)
         if self.task.degradation.conditioned and fwhm_px is None:
@@ -523,7 +523,7 @@ class SuperResolver:
             guide=guide,
             context=context,
         )
-        return data.from_domain(out, low, span)
+        return self.domain.decode(out, low, span)
 
     def reconstruct_normalised(self, slices, *, batch_size=None, progress=None, guide=None):
         """(degraded, sr) for `[N, H, W]` normalised slices of one volume: the task's
@@ -531,7 +531,7 @@ class SuperResolver:
         domain and mapped back to the range of `slices`. `guide` as in `enhance_normalised`:
         the T1 is not degraded."""
         self._check_channels(guide is not None)
-        encoded, low, span = data.to_domain(slices, self.domain)
+        encoded, low, span = self.domain.encode(slices)
         bicubic, sr = _run_in_batches(
             self._reconstruct,
             self.params,
@@ -541,7 +541,7 @@ class SuperResolver:
             guide=guide,
             context=self._context(encoded, self.task.neighbours),
         )
-        return data.from_domain(bicubic, low, span), data.from_domain(sr, low, span)
+        return self.domain.decode(bicubic, low, span), self.domain.decode(sr, low, span)
 
     @staticmethod
     def _context(slices: np.ndarray, neighbours: int) -> np.ndarray | None:

@@ -7,7 +7,7 @@ in training and another in use.
 
 A batch is a dict of NHWC arrays, the slice to restore and what comes with it:
 
-* `hr` `[N, H, W, 1]` — the slice, in the run's data domain (`data.to_domain`);
+* `hr` `[N, H, W, 1]` — the slice, in the run's data domain (`data.Domain.encode`);
 * `context` `[N, H, W, 2n]` — its `n` neighbours on each side, nearest last below it and
   nearest first above it (slice order `-n … -1, +1 … +n`), volume edges reflected
   (`data.context_slices`); present when the task needs neighbours (`Task.neighbours`);
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from petsr_jax.data.degrade import degrade
+from petsr_jax.data.domain import PHYSICAL, Domain
 
 DEGRADATIONS = ("bicubic", "scanner")
 CONSISTENCY = ("none", "block")
@@ -112,7 +113,7 @@ class Bicubic:
     """The paper's degradation: bicubic ↓↑ ×`scale` of each slice, in the run's data domain."""
 
     scale: int
-    domain: str = "physical"
+    domain: Domain = PHYSICAL
     margin: int = 0  # no axial blur: the network's slices are all the batch needs
     conditioned: bool = False  # the network is told nothing about its input
 
@@ -146,7 +147,7 @@ class Scanner:
     noise_fwhm_px: float
     pixel_mm: float
     slice_mm: float
-    domain: str = "physical"
+    domain: Domain = PHYSICAL
     conditioned: bool = True
 
     @property
@@ -250,7 +251,7 @@ class Task:
 
         t = config.get("task", {})
         kind = t.get("degradation", "bicubic")
-        domain = str(config.data.get("domain", "physical"))
+        domain = Domain.of(config)
         if kind == "bicubic":
             degradation = Bicubic(int(config.scale), domain)
             default_block = int(config.scale)

@@ -160,12 +160,12 @@ def test_paper_domain_batches_are_8bit_levels_of_the_whole_slice():
         seed=0,
         crop_size=8,
         flip=False,
-        domain="paper",
+        domain=data.PAPER,
     )
     crops = ds[0]["hr"][..., 0]
     levels = crops * 255.0
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-4)  # 8-bit levels / 255
-    whole = data.to_domain(slices, "paper")[0]
+    whole = data.PAPER.encode(slices)[0]
     for crop in crops:  # each crop is a window of its slice's whole-slice scaling
         assert any(
             np.array_equal(crop, s[y : y + 8, x : x + 8])

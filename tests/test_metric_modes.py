@@ -60,7 +60,7 @@ def test_paper_domain_degrade_matches_pil_on_l_images(shape, scale):
     image = _smooth_image(shape, seed=scale)
     hr8 = _minmax_uint8(image)
     batch = jnp.asarray(hr8 / 255.0, jnp.float32)[None, ..., None]
-    paper = jax.jit(degrade, static_argnums=(1, 2))(batch, scale, "paper")
+    paper = jax.jit(degrade, static_argnums=(1, 2))(batch, scale, data.PAPER)
     got = np.round(np.asarray(paper)[0, ..., 0] * 255.0)
     expected = _pil_degrade(hr8, scale)
     diff = np.abs(got - expected.astype(np.float32))
@@ -75,17 +75,17 @@ def test_paper_domain_is_the_authors_per_slice_8bit_scaling():
     stack = np.stack([_smooth_image((24, 24), s) for s in range(3)])
     stack[1] *= 40.0  # a brighter slice: per-slice scaling removes it
     stack[2] = 7.0  # a constant slice
-    encoded, low, span = data.to_domain(stack, "paper")
+    encoded, low, span = data.PAPER.encode(stack)
     for i in range(2):
         np.testing.assert_array_equal(encoded[i] * 255.0, _authors_uint8(stack[i]))
     np.testing.assert_array_equal(encoded[2], 0)
     # Mapped back within one 8-bit level of each slice's own range.
-    back = data.from_domain(encoded, low, span)
+    back = data.PAPER.decode(encoded, low, span)
     for i in range(3):
         assert np.abs(back[i] - stack[i]).max() <= max(float(np.ptp(stack[i])), 1e-6) / 255
-    physical, low, span = data.to_domain(stack, "physical")
+    physical, low, span = data.PHYSICAL.encode(stack)
     np.testing.assert_array_equal(physical, stack)
-    np.testing.assert_array_equal(data.from_domain(physical, low, span), stack)
+    np.testing.assert_array_equal(data.PHYSICAL.decode(physical, low, span), stack)
 
 
 def test_paper_domain_scores_match_pil_and_scikit_image(net, nifti_root):
@@ -93,7 +93,7 @@ def test_paper_domain_scores_match_pil_and_scikit_image(net, nifti_root):
     slices = data.build_slice_set(nifti_root, ["pat-00", "pat-01"], eval_split=True)
     mesh = sharding.make_mesh()
     scores = evaluate.evaluate(
-        params, slices, model=model, task=Task(Bicubic(8, "paper")), mesh=mesh, batch_size=3
+        params, slices, model=model, task=Task(Bicubic(8, data.PAPER)), mesh=mesh, batch_size=3
     )
     for i in range(len(slices)):
         hr8 = _authors_uint8(np.asarray(slices.hr[i]))

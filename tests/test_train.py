@@ -344,7 +344,7 @@ def test_a_paper_domain_run_trains_scores_and_loads_in_its_domain(nifti_root, tm
     assert {"psnr", "ssim", "psnr_physical", "ssim_physical", "psnr_brain"} <= set(test["sr"])
     assert "scikit-image's default" in (tmp_path / "results.md").read_text()
     sr = petsr_jax.load(tmp_path)
-    assert sr.domain == "paper"
+    assert sr.domain == data.PAPER
     # Every slice is scaled to its own 8-bit range: a linear change of units cannot matter.
     volume = np.asarray(
         data.build_slice_set(nifti_root, ["pat-00"], eval_split=False).hr, np.float32

@@ -10,7 +10,7 @@ Everything a caller needs is importable from `petsr_jax.data` itself.
 """
 
 from petsr_jax.data.degrade import degrade
-from petsr_jax.data.domain import DOMAINS, denormalise, from_domain, normalise, to_domain
+from petsr_jax.data.domain import DOMAINS, PAPER, PHYSICAL, Domain, denormalise, normalise
 from petsr_jax.data.patients import (
     AUX_FOLDERS,
     DataError,
@@ -38,6 +38,9 @@ __all__ = [
     "AUX_FOLDERS",
     "BRAIN_AREA_FRACTION",
     "DOMAINS",
+    "PAPER",
+    "PHYSICAL",
+    "Domain",
     "INTENSITY_FRACTION",
     "CropFlip",
     "DataError",
@@ -53,14 +56,12 @@ __all__ = [
     "denormalise",
     "eval_slice_indices",
     "eval_slices_description",
-    "from_domain",
     "list_patients",
     "load_patient",
     "normalise",
     "resolve_root",
     "resolve_split",
     "split_patients",
-    "to_domain",
     "train_dataset",
     "train_iterator",
 ]

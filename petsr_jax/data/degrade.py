@@ -9,9 +9,9 @@ moves high-resolution slices.
 widened by the scale factor when downsampling, which is what PIL's `Image.resize(..., BICUBIC)`
 (the authors' code) does; the equality is asserted against PIL in `tests/test_degrade.py`.
 
-In the paper's domain (`data.domain="paper"`, slices held as 8-bit levels / 255, see
-`petsr_jax.data.to_domain`) the authors resized 8-bit PIL images, which store every resampling
-pass as uint8: `degrade(hr, scale, "paper")` rounds after each pass as PIL does
+In the paper's domain (`data.PAPER`, slices held as 8-bit levels / 255, see
+`petsr_jax.data.Domain`) the authors resized 8-bit PIL images, which store every resampling
+pass as uint8: `degrade(hr, scale, PAPER)` rounds after each pass as PIL does
 (`resize_8bit`), so the network input is exactly the image their code fed it.
 """
 
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from petsr_jax.data.domain import PHYSICAL, Domain
 
 
 def low_res_size(size: int, scale: int) -> int:
@@ -86,23 +88,22 @@ def degrade_8bit(hr8, scale: int):
     return resize_8bit(low, (h, w))
 
 
-def degrade(hr: jax.Array, scale: int, domain: str = "physical") -> jax.Array:
+def degrade(hr: jax.Array, scale: int, domain: Domain = PHYSICAL) -> jax.Array:
     """Bicubic-degraded input `lr_up` for high-resolution NHWC images `hr`.
 
     Downscale by `scale` (antialiased bicubic), then bicubic-upscale back to `hr`'s size, so the
     network input and the target share a pixel grid (the paper's Sec. 3.1). `scale` must be a
     Python int (it sets array shapes); `scale=1` returns `hr` unchanged. With
-    `domain="paper"`, `hr` holds 8-bit levels / 255 and each pass is stored as 8 bits.
+    an eight-bit domain (`PAPER`), `hr` holds 8-bit levels / 255 and each pass is stored as 8
+    bits.
     """
     if hr.ndim != 4:
         raise ValueError(f"degrade expects NHWC images, got shape {hr.shape}")
     if scale == 1:
         return hr
     hr = jnp.asarray(hr)
-    if domain == "paper":
+    if domain.eight_bit:
         return (degrade_8bit(hr.astype(jnp.float32) * 255.0, scale) / 255.0).astype(hr.dtype)
-    if domain != "physical":
-        raise ValueError(f"domain: expected 'physical' or 'paper', got {domain!r}")
     return upscale(downscale(hr, scale), hr.shape[1:3]).astype(hr.dtype)
 
 

@@ -14,7 +14,7 @@ import os
 import grain
 import numpy as np
 
-from petsr_jax.data.domain import to_domain
+from petsr_jax.data.domain import PHYSICAL, Domain
 
 
 class SliceSource(grain.sources.RandomAccessDataSource):
@@ -98,17 +98,17 @@ class SliceSource(grain.sources.RandomAccessDataSource):
 
 @dataclasses.dataclass(frozen=True)
 class ToDomain(grain.transforms.Map):
-    """One whole [H, W] slice into the network's domain (`to_domain`), before any crop: the
+    """One whole [H, W] slice into the network's domain (`Domain.encode`), before any crop: the
     paper's per-slice 8-bit scaling is of the whole slice, as the authors' images were."""
 
-    domain: str = "physical"
+    domain: Domain = PHYSICAL
 
     def map(self, element):
-        if self.domain == "physical":
+        if not self.domain.eight_bit:
             return element
         if isinstance(element, dict):  # the PET only (paper-domain runs have no context)
-            return {**element, "hr": to_domain(element["hr"][None], self.domain)[0][0]}
-        return to_domain(element[None], self.domain)[0][0]
+            return {**element, "hr": self.domain.encode(element["hr"][None])[0][0]}
+        return self.domain.encode(element[None])[0][0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def train_dataset(
     seed: int,
     crop_size: int = 0,
     flip: bool = True,
-    domain: str = "physical",
+    domain: Domain = PHYSICAL,
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.MapDataset:
@@ -167,7 +167,7 @@ def train_dataset(
     # Augment before selecting this process's records: Grain seeds each record's augmentation
     # by its index in the dataset it is applied to, which must be the global stream's index.
     # The dataset is lazy, so records of other processes are never read or augmented here.
-    if domain != "physical":
+    if domain.eight_bit:
         ds = ds.map(ToDomain(domain))
     ds = ds.random_map(CropFlip(crop_size, flip), seed=seed)
     ds = ds.batch(batch_size // process_count, drop_remainder=True)

@@ -2,7 +2,7 @@
 
 `evaluate` runs a split's slices through one jitted function that degrades, super-resolves and
 scores each slice, so training, evaluation and reports share the single `degrade()`. What is
-scored follows the run's data domain (`data.domain`, see `petsr_jax.data.to_domain`):
+scored follows the run's data domain (`data.domain`, see `petsr_jax.data.Domain`):
 
 * "physical" — slices as each volume divided by its maximum: PSNR and SSIM (Gaussian window)
   over the whole slice and inside the brain mask, LPIPS on the images clipped to [0, 1].
@@ -12,7 +12,7 @@ scored follows the run's data domain (`data.domain`, see `petsr_jax.data.to_doma
   PIL resizes 8-bit images, the output stored as an 8-bit image (`store_8bit`); PSNR on /255
   images with data range 1, SSIM with scikit-image's defaults (`window="uniform"`), LPIPS(VGG)
   — the numbers to set beside the paper's Tables 1–3. The same outputs mapped back per slice
-  (`data.from_domain`) are also scored as in "physical" (`psnr_physical`, `ssim_physical`,
+  (`Domain.decode`) are also scored as in "physical" (`psnr_physical`, `ssim_physical`,
   `psnr_brain`, `ssim_brain`), so one trained model gives both tables.
 
 LPIPS is added when its weights are available; otherwise the reason is recorded and every other
@@ -27,7 +27,7 @@ import logging
 
 import numpy as np
 
-from petsr_jax import data, metrics
+from petsr_jax import metrics
 from petsr_jax.data.degrade import store_8bit
 from petsr_jax.evaluation.predict import jit_on_mesh, jitted_predict, make_predict_fn, map_batches
 
@@ -51,8 +51,8 @@ def make_score_fn(model, task, mesh):
     """A jitted `score(params, batch) -> {"<image>/<metric>": [N]}` with the batch sharded.
 
     `batch` holds `hr` (in the task's domain), `mask` when the slices have a brain mask, and
-    for "paper" also `low`, `span` (`to_domain`) and `hr_volume`, the slices before
-    `to_domain`. Both images are scored against the task's target: `hr` itself for the paper's
+    for "paper" also `low`, `span` (`Domain.encode`) and `hr_volume`, the slices before
+    encoding. Both images are scored against the task's target: `hr` itself for the paper's
     bicubic task, the finer noise-free image for a scanner task. "bicubic" names the
     network's input, whichever degradation made it.
     """
@@ -63,7 +63,7 @@ def make_score_fn(model, task, mesh):
         hr, mask = batch["hr"], batch.get("mask")
         lr_up, sr, target = predict(params, batch)
         out = {}
-        if domain == "physical":
+        if not domain.eight_bit:
             _physical_scores(out, (("bicubic", lr_up), ("sr", sr)), target, mask)
             return out
         images = (("bicubic", lr_up), ("sr", store_8bit(sr)))
@@ -88,10 +88,10 @@ def make_score_fn(model, task, mesh):
     return jit_on_mesh(score, mesh)
 
 
-def _score_inputs(slices, domain: str) -> dict[str, np.ndarray]:
+def _score_inputs(slices, domain) -> dict[str, np.ndarray]:
     """What the score function reads per slice of a `SliceSet` (`make_score_fn`)."""
     volume = np.asarray(slices.hr, np.float32)
-    hr, low, span = data.to_domain(volume, domain)
+    hr, low, span = domain.encode(volume)
     # `index` fixes each slice's draw of a stochastic degradation (`Task.eval_keys`).
     inputs = {"hr": hr[..., None], "index": np.arange(len(hr), dtype=np.int32)}
     if slices.mask is not None:
@@ -100,7 +100,7 @@ def _score_inputs(slices, domain: str) -> dict[str, np.ndarray]:
         inputs["guide"] = slices.guide
     if getattr(slices, "context", None) is not None:  # neighbouring slices (2.5D, 3D PSF)
         inputs["context"] = slices.context
-    if domain != "physical":
+    if domain.eight_bit:
         inputs.update(low=low, span=span, hr_volume=volume[..., None])
     return inputs
 
@@ -137,7 +137,7 @@ def evaluate(
     if lpips_fn is None:
         result["lpips_unavailable"] = reason
         return result
-    if domain != "physical":
+    if domain.eight_bit:
         sr = np.asarray(store_8bit(sr))
     hr = np.clip(target, 0, 1)
     for name, image in (("bicubic", lr_up), ("sr", sr)):

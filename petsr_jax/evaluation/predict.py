@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import jax
 import numpy as np
 
-from petsr_jax import data, sharding
+from petsr_jax import sharding
 from petsr_jax.task import Task
 
 
@@ -121,11 +121,12 @@ def predict_slices(
     params, hr: np.ndarray, *, model, task: Task, mesh, batch_size=8, guide=None, context=None
 ):
     """(lr_up, sr, target) as numpy `[N, H, W]` for `[N, H, W]` slices, in the units of `hr`:
-    the network runs in the task's domain (`data.to_domain`) and its images are mapped back per
+    the network runs in the task's domain (`data.Domain`) and its images are mapped back per
     slice. `guide` is an MR-guided model's `[N, H, W, C]` guidance channels of the same slices,
     `context` their `[N, H, W, 2n]` neighbours (`data.context_slices`) when the task needs them.
     """
-    encoded, low, span = data.to_domain(hr, task.degradation.domain)
+    domain = task.degradation.domain
+    encoded, low, span = domain.encode(hr)
     inputs = {"hr": encoded[..., None], "index": np.arange(len(encoded), dtype=np.int32)}
     if guide is not None:
         inputs["guide"] = guide
@@ -134,4 +135,4 @@ def predict_slices(
     images = map_batches(
         jitted_predict(model, task, mesh), params, inputs, batch_size=batch_size, mesh=mesh
     )
-    return tuple(data.from_domain(image[..., 0], low, span) for image in images)
+    return tuple(domain.decode(image[..., 0], low, span) for image in images)

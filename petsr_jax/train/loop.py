@@ -214,7 +214,7 @@ def build_training(config, workdir: Path, train_set: data.SliceSet) -> Training:
         seed=config.seed,
         crop_size=config.data.crop_size,
         flip=config.data.flip,
-        domain=config.data.domain,
+        domain=data.Domain.of(config),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
