@@ -173,3 +173,27 @@ def test_scanner_run_trains_scores_and_enhances_keeping_activity(scanner_run):
     assert air.any() and np.all(enhanced.data[air] == 0)
     with pytest.warns(UserWarning, match="nominal_fwhm_mm"):
         sr(volume)
+
+
+class _NeighbourChannel:
+    """A stand-in network that returns its second input channel (a neighbouring slice)."""
+
+    def apply(self, variables, x):
+        return x[..., 1:2]
+
+
+def test_a_bicubic_task_with_context_and_activity_kept_feeds_degraded_neighbours():
+    task = Task(Bicubic(4), context=1, consistency="block", block=4)
+    assert task.input_channels == 3 and task.neighbours == 1
+    rng = np.random.default_rng(6)
+    hr = rng.random((2, 16, 16, 1)).astype(np.float32)
+    context = rng.random((2, 16, 16, 2)).astype(np.float32)
+    batch = {"hr": hr, "context": context}
+    lr, sr, target = task.predict(_NeighbourChannel(), None, batch)
+    want = np.asarray(degrade(jnp.asarray(np.concatenate([context[..., :1], hr], -1)), 4))
+    np.testing.assert_allclose(np.asarray(lr)[..., 0], want[..., 1], atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(target), hr)
+    # The network's output (here the neighbour) is rescaled to the centre input's block sums.
+    sums = lambda x: np.asarray(x).reshape(2, 4, 4, 4, 4).sum(axis=(2, 4))  # noqa: E731
+    np.testing.assert_allclose(sums(sr), sums(np.maximum(np.asarray(lr), 0)), rtol=1e-5)
+    assert not np.allclose(np.asarray(sr), np.asarray(lr))
