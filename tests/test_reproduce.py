@@ -21,7 +21,7 @@ from petsr_jax import io
 from petsr_jax.config import build_config
 from petsr_jax.experiments import reproduce
 from petsr_jax.models import create_model
-from petsr_jax.run import checkpoint, identity, layout
+from petsr_jax.run import checkpoint, identity
 from petsr_jax.volume import Volume
 
 REPO = Path(__file__).resolve().parents[1]
@@ -363,7 +363,8 @@ def test_a_workdir_of_another_protocol_is_refused_not_reused(reproduced):
     workdir = settings.runs_dir / reproduce.run_name("srcnn", 8, settings)
     config_json = (workdir / "config.json").read_bytes()
     longer = build_config("srcnn", settings.model_arg(8) + ",train.epochs=3")
-    with pytest.raises(layout.WorkdirError, match=r"train\.epochs: 1 in the workdir, 3 now"):
+    # Refused as every reproduce problem is, naming the field and both values.
+    with pytest.raises(reproduce.ReproduceError, match=r"train\.epochs: 1 in the workdir, 3 now"):
         reproduce.run_all(settings, {("srcnn", 8): longer}, progress=False)
     assert (workdir / "config.json").read_bytes() == config_json
     # Logging cadence changes no number in the tables.

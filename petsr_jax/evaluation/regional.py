@@ -166,6 +166,25 @@ def regional_recovery(
     }
 
 
+def recovery_of_run(resolver, root, patient_ids) -> dict:
+    """`regional_recovery` of a loaded run (`petsr_jax.load`: the params it scored, its network,
+    task and batch size) on this process's devices, as the reproduction's tables and the MR
+    comparison measure it."""
+    import jax
+
+    from petsr_jax import sharding
+
+    return regional_recovery(
+        jax.device_get(resolver.params),
+        root,
+        patient_ids,
+        model=resolver.model,
+        task=resolver.task,
+        mesh=sharding.make_mesh(jax.local_devices()),
+        batch_size=resolver.batch_size,
+    )
+
+
 def summary_lines(regional: dict | None) -> list[str]:
     """Markdown lines of a run's regional recovery (`results["regional"]`); none without it."""
     if not regional:

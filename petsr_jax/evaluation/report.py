@@ -7,8 +7,10 @@ result; the files' names are `petsr_jax.run.layout`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +39,32 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-METRICS = (
-    ("psnr", "PSNR (dB)", 2),
-    ("ssim", "SSIM", 3),
-    ("lpips", "LPIPS", 3),
-    ("psnr_brain", "PSNR brain", 2),
-    ("ssim_brain", "SSIM brain", 3),
-)
+# What the tables call the networks (`model.name`).
+MODEL_NAMES = {"srcnn": "multi-scale SRCNN", "deepsr": "DeepSR"}
+
+# Every score a table of the project shows: results key → (column header, decimals). One
+# header per score, so results.md, the reproduction's tables and the MR comparison agree.
+SCORES = {
+    "psnr": ("PSNR (dB)", 2),
+    "ssim": ("SSIM", 3),
+    "lpips": ("LPIPS", 3),
+    "psnr_physical": ("PSNR per volume", 2),
+    "ssim_physical": ("SSIM per volume", 3),
+    "psnr_brain": ("PSNR brain", 2),
+    "ssim_brain": ("SSIM brain", 3),
+}
 
 
+def score_columns(*keys: str) -> tuple[tuple[str, str, int], ...]:
+    """(key, header, decimals) of the scores `keys` name, in that order: a table's columns."""
+    return tuple((key, *SCORES[key]) for key in keys)
+
+
+METRICS = score_columns("psnr", "ssim", "lpips", "psnr_brain", "ssim_brain")
 # A run of the paper's domain is scored first as the authors scored (8-bit slices, scikit-image's
 # default SSIM), then mapped back per slice and scored per volume as "physical" runs are.
-PAPER_METRICS = (
-    ("psnr", "PSNR (dB)", 2),
-    ("ssim", "SSIM", 3),
-    ("lpips", "LPIPS", 3),
-    ("psnr_physical", "PSNR per volume", 2),
-    ("ssim_physical", "SSIM per volume", 3),
-    ("psnr_brain", "PSNR brain", 2),
-    ("ssim_brain", "SSIM brain", 3),
+PAPER_METRICS = score_columns(
+    "psnr", "ssim", "lpips", "psnr_physical", "ssim_physical", "psnr_brain", "ssim_brain"
 )
 
 DOMAIN_NOTES = {
@@ -111,9 +120,7 @@ def results_markdown(results: dict, run_record: dict | None = None) -> str:
     ending with how the run was made when its run.json is given."""
     test = results["test"]
     columns = _columns(results)
-    name = {"srcnn": "multi-scale SRCNN", "deepsr": "DeepSR"}.get(
-        results["model"], results["model"]
-    )
+    name = MODEL_NAMES.get(results["model"], results["model"])
     scanner = results.get("degradation") == "scanner"
     task = f"scanner task: {results.get('task')}" if scanner else f"{results['scale']}×"
     target = (
@@ -187,6 +194,98 @@ def figure_slices(slices, count: int) -> np.ndarray:
 VALUE_LABEL = "activity / volume max"
 
 
+@dataclasses.dataclass(frozen=True)
+class GridColumn:
+    """One column of an `image_grid`: its title and one image per row, shown as `kind` says.
+
+    - "shared": activity on the row's one grey scale, from 0 to the brightest "shared" panel of
+      the row (or to the grid's `reference` column), so the columns of a row compare by eye;
+    - "error": an error map on its own scale, 0 to its maximum, in magma;
+    - "mr": an MR image on its own grey scale, its 1st to 99.5th percentile (MR units are
+      arbitrary); an image that is None draws an empty panel saying the slice has no MR.
+    """
+
+    title: str
+    images: Sequence
+    kind: str = "shared"
+
+
+def image_grid(
+    path: Path,
+    columns: Sequence[GridColumn],
+    row_labels: Sequence[str] | None = None,
+    *,
+    reference: int | None = None,
+    value_label: str | None = None,
+    outlines: Sequence | None = None,
+) -> tuple[int, int]:
+    """PNG grid of 3-inch panels, one row per slice, one column per `GridColumn`; returns
+    (rows, columns). Every figure of slices side by side is drawn here, so they read alike.
+
+    `reference`: the index of the column whose maximum sets each row's shared grey scale (the
+    original, which the others are judged against); None takes the row's brightest shared
+    panel. `value_label`: each scale gets a colour bar labelled with it, in a column of its own
+    (the shared scale's after the last shared column, an error map's after it), so every image
+    panel has the same size; without it there are no colour bars. `outlines`: one boolean mask
+    per row, outlined in red on each of the row's panels (lesions), or None for none.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shared = [j for j, column in enumerate(columns) if column.kind == "shared"]
+    # Grid columns: each image, and with value_label a narrow colour bar after the last shared
+    # column and after each error map.
+    layout_columns: list[tuple[str, int]] = []
+    for j, column in enumerate(columns):
+        layout_columns.append(("image", j))
+        if value_label and (column.kind == "error" or (shared and j == shared[-1])):
+            layout_columns.append(("bar", j))
+    ratios = [1 if what == "image" else 0.06 for what, _ in layout_columns]
+    n = len(columns[0].images)
+    width = 3 * len(columns) + (1.6 if len(ratios) > len(columns) else 0)
+    fig = plt.figure(figsize=(width, 3 * n), layout="constrained")
+    grid = fig.add_gridspec(n, len(ratios), width_ratios=ratios)
+    for i in range(n):
+        scale_from = shared if reference is None else [reference]
+        vmax = max((float(np.max(columns[j].images[i])) for j in scale_from), default=0.0)
+        drawn = {}
+        for g, (what, j) in enumerate(layout_columns):
+            column = columns[j]
+            if what == "bar":
+                label = value_label if column.kind == "shared" else f"|error|, {value_label}"
+                fig.colorbar(drawn[j], cax=fig.add_subplot(grid[i, g]), label=label)
+                continue
+            ax = fig.add_subplot(grid[i, g])
+            drawn[j] = _draw_panel(ax, column.images[i], column.kind, vmax or 1.0)
+            if outlines is not None and np.any(outlines[i]):
+                ax.contour(outlines[i], levels=[0.5], colors="red", linewidths=0.8)
+            ax.set_title(column.title if i == 0 else "")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[i])
+    save_figure_atomic(fig, path, dpi=100)
+    plt.close(fig)
+    return n, len(columns)
+
+
+def _draw_panel(ax, image, kind: str, vmax: float):
+    """One panel of `image_grid`; returns what a colour bar of it is drawn from."""
+    if kind == "shared":
+        return ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
+    if kind == "error":
+        return ax.imshow(image, cmap="magma", vmin=0, vmax=max(float(np.max(image)), 1e-6))
+    if kind != "mr":
+        raise ValueError(f"GridColumn.kind: expected shared, error or mr, got {kind!r}")
+    if image is None:
+        ax.text(0.5, 0.5, "no T1 MR", ha="center", va="center", transform=ax.transAxes)
+        return None
+    low, high = np.percentile(image, (1, 99.5))
+    return ax.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1)
+
+
 def comparison_figure(
     path: Path,
     hr,
@@ -205,38 +304,10 @@ def comparison_figure(
     `value_label`, so every image panel has the same size and the error map lines up with the
     others.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = hr.shape[0]
-    # image, image, image, colour bar (| error map, colour bar)
-    ratios = [1, 1, 1, 0.06] + ([1, 0.06] if error_map else [])
-    fig = plt.figure(figsize=(3 * (4 if error_map else 3) + 1.6, 3 * n), layout="constrained")
-    grid = fig.add_gridspec(n, len(ratios), width_ratios=ratios)
-    for i in range(n):
-        vmax = float(hr[i].max()) or 1.0
-        panels = [lr_up[i], sr[i], hr[i]]
-        for j, img in enumerate(panels):
-            ax = fig.add_subplot(grid[i, j])
-            grey = ax.imshow(img, cmap="gray", vmin=0, vmax=vmax)
-            ax.set_title(titles[j] if i == 0 else "")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0 and row_labels is not None:
-                ax.set_ylabel(row_labels[i])
-        fig.colorbar(grey, cax=fig.add_subplot(grid[i, 3]), label=value_label)
-        if error_map:
-            err = np.abs(sr[i] - hr[i])
-            ax = fig.add_subplot(grid[i, 4])
-            im = ax.imshow(err, cmap="magma", vmin=0, vmax=max(float(err.max()), 1e-6))
-            ax.set_title("|model − original|" if i == 0 else "")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            fig.colorbar(im, cax=fig.add_subplot(grid[i, 5]), label=f"|error|, {value_label}")
-    save_figure_atomic(fig, path, dpi=100)
-    plt.close(fig)
+    columns = [GridColumn(titles[j], images) for j, images in enumerate((lr_up, sr, hr))]
+    if error_map:
+        columns.append(GridColumn("|model − original|", np.abs(sr - hr), "error"))
+    image_grid(path, columns, row_labels, reference=2, value_label=value_label)
     return path
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from petsr_jax import data
@@ -26,12 +25,7 @@ from petsr_jax.io import files
 from petsr_jax.run import layout
 
 # Columns: (results key, header, digits). Whole-slice and brain scores of the run's domain.
-SCORE_COLUMNS = (
-    ("psnr", "PSNR (dB)", 2),
-    ("ssim", "SSIM", 3),
-    ("psnr_brain", "PSNR brain", 2),
-    ("ssim_brain", "SSIM brain", 3),
-)
+SCORE_COLUMNS = report.score_columns("psnr", "ssim", "psnr_brain", "ssim_brain")
 # Regional columns: (region kind, statistic, header); mean signed and mean absolute % errors.
 REGION_COLUMNS = (
     ("grey_matter", "mean_error_pct", "GM mean err %"),
@@ -142,18 +136,9 @@ def add_regional(run: dict, resolver, root: Path) -> None:
     before training recorded it (same function, same test patients)."""
     if "regional" in run["results"]:
         return
-    from petsr_jax import sharding
     from petsr_jax.evaluation import regional
 
-    recovery = regional.regional_recovery(
-        resolver.params,
-        root,
-        run["split"]["test"],
-        model=resolver.model,
-        task=resolver.task,
-        mesh=sharding.make_mesh(jax.local_devices()),
-        batch_size=resolver.batch_size,
-    )
+    recovery = regional.recovery_of_run(resolver, root, run["split"]["test"])
     run["results"]["regional"] = recovery if recovery["rows"] else None
 
 
@@ -194,37 +179,13 @@ def figure_panels(pet_only, mr_guided, root, picks) -> dict[str, list]:
 
 def comparison_figure(path: Path, panels: dict, labels: list[str]) -> None:
     """PET-only | MR-guided | original | T1, one row per slice, lesions outlined in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = (
-        ("PET-only DeepSR", "pet_only"),
-        ("MR-guided DeepSR", "mr_guided"),
-        ("original", "original"),
-        ("T1 (input channel)", "t1"),
-    )
-    n = len(labels)
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n), squeeze=False)
-    for i in range(n):
-        vmax = max(float(np.max(panels[k][i])) for k in ("pet_only", "mr_guided", "original"))
-        for j, (title, key) in enumerate(columns):
-            ax = axes[i, j]
-            image = panels[key][i]
-            if key == "t1":
-                ax.imshow(image, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)))
-            else:
-                ax.imshow(image, cmap="gray", vmin=0, vmax=vmax or 1.0)
-            if panels["lesion"][i].any():
-                ax.contour(panels["lesion"][i], levels=[0.5], colors="red", linewidths=0.8)
-            ax.set_title(title if i == 0 else "")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[i, 0].set_ylabel(labels[i])
-    fig.tight_layout()
-    files.save_figure_atomic(fig, path, dpi=100)
-    plt.close(fig)
+    columns = [
+        report.GridColumn("PET-only DeepSR", panels["pet_only"]),
+        report.GridColumn("MR-guided DeepSR", panels["mr_guided"]),
+        report.GridColumn("original", panels["original"]),
+        report.GridColumn("T1 (input channel)", panels["t1"], "mr"),
+    ]
+    report.image_grid(path, columns, labels, outlines=panels["lesion"])
 
 
 def compare_workdirs(pet_only_dir, mr_guided_dir, out_dir, *, stem: str = "mr_comparison") -> str:
