@@ -229,7 +229,7 @@ def benchmark_train(
         state.params,
         times,
         images=batch,
-        flops=3 * forward_flops_per_pixel(state.params) * size * size * batch,
+        passes=3,
         compiled=compiled,
         remat=remat,
         donate=donate,
@@ -238,11 +238,12 @@ def benchmark_train(
 
 
 def _network_result(
-    mode: str, what: tuple, params, times, *, images, flops, compiled=None, **extra
+    mode: str, what: tuple, params, times, *, images, passes=1, compiled=None, **extra
 ):
     """A network benchmark's result, the same fields for every mode: the environment, what ran
     (`what`: model, blocks, size, batch, precision, conv, steps; `extra`: the mode's own
-    settings), per-step rates of `images` and `flops`, and peak memory, with XLA's fusions and
+    settings), per-step rates of `images` and of their FLOPs (`passes` forward passes' worth
+    each: 3 for a train step, forward and backward), and peak memory, with XLA's fusions and
     scratch where the `compiled` executable is given."""
     import jax
 
@@ -265,6 +266,7 @@ def _network_result(
     }
     if compiled is not None:
         result["ynn_fusions"] = ynn_fusions_in(compiled.as_text())
+    flops = passes * forward_flops_per_pixel(params) * size * size * images
     _rates(result, times, images, flops, device, PRECISIONS[precision])
     result.update(peak_memory(device, compiled))
     return result
@@ -310,7 +312,6 @@ def benchmark_infer(
         params,
         times,
         images=batch,
-        flops=forward_flops_per_pixel(params) * size * size * batch,
         compiled=compiled,
     )
 
@@ -359,7 +360,6 @@ def benchmark_volume(
         params,
         times,
         images=slices,
-        flops=forward_flops_per_pixel(params) * size * size * slices,
         slices=slices,
     )
     result["seconds_per_volume"] = result["seconds_per_step"]
