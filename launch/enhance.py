@@ -137,30 +137,19 @@ def _pooled(all_scores: list[tuple[str, dict]]) -> dict:
 
 
 def _enhance_one(
-    sr, volume, mode: str, progress, t1=None, psf_fwhm_mm=None, clip: bool = True
+    sr, volume, mode: str, progress, t1=None, psf_fwhm_mm=None
 ) -> tuple[io.Volume, dict | None]:
-    """The output volume of one patient and, in reconstruct mode, its scores. `clip=False`
-    leaves negative activity for the caller to clip on the grid it writes (--resample)."""
-    # The network's range, as training saw it: the volume divided by its maximum.
-    normalised, factor = data.normalise(volume.data)
-    guide = sr.guide_for(t1, volume)
+    """The output volume of one patient (activity clipped at 0, the clipped voxels counted in
+    its meta) and, in reconstruct mode, its scores. The scan was checked before any output was
+    written (`run`), so the resolver does not check it again."""
     if mode == "enhance":
-        restored = sr.enhance_normalised(
-            normalised,
-            progress=progress,
-            guide=guide,
-            fwhm_px=sr.fwhm_pixels(volume, psf_fwhm_mm),
-        )
-        scores = None
-    else:
-        bicubic, restored = sr.reconstruct_normalised(normalised, progress=progress, guide=guide)
-        scores = reconstruction_scores(normalised, bicubic, restored)
-    activity = data.denormalise(restored, factor)
-    if not clip:
-        return volume.replace(data=activity), scores
-    # Activity is never negative; the clipped voxels are counted for the report.
-    activity, clipped = quantitation.clip_negative(activity)
-    return volume.replace(data=activity, meta={**volume.meta, "clipped_voxels": clipped}), scores
+        enhanced = sr(volume, mr=t1, check_units=None, progress=progress, psf_fwhm_mm=psf_fwhm_mm)
+        return enhanced, None
+    degraded, restored = sr.reconstruct(volume, mr=t1, check_units=None, progress=progress)
+    # Scored in the network's range, as training saw it: the volume divided by its maximum.
+    normalised, factor = data.normalise(volume.data)
+    scores = reconstruction_scores(normalised, degraded.data / factor, restored.data / factor)
+    return restored, scores
 
 
 def _write(job, volume, description: str) -> list[str]:
@@ -253,8 +242,9 @@ def _resampling_note(name: str, volume, model_input, mode: str) -> str:
 
 
 def _on_input_grid(result, volume) -> io.Volume:
-    """The output of a resampled scan on the input's grid, with the input's headers and meta;
-    negative activity clipped there, so the count is of the voxels written."""
+    """The output of a resampled scan on the input's grid, with the input's headers and meta.
+    The model's output is non-negative; what the interpolation back undershoots is clipped
+    here, and the count is of the voxels written."""
     back = io.resample(result, like=volume)
     activity, clipped = quantitation.clip_negative(back.data)
     return volume.replace(data=activity, meta={**volume.meta, "clipped_voxels": clipped})
@@ -314,9 +304,7 @@ def run(
             model_input, guide = _for_model(volume, spacing, t1)
         with tqdm(total=model_input.shape[0], unit="slice", desc=job.name, leave=False) as bar:
             resampled = model_input is not volume
-            result, scores = _enhance_one(
-                sr, model_input, mode, bar.update, guide, psf_fwhm_mm, clip=not resampled
-            )
+            result, scores = _enhance_one(sr, model_input, mode, bar.update, guide, psf_fwhm_mm)
         if resample:
             tqdm.write(_resampling_note(job.name, volume, model_input, mode))
         if resampled:
