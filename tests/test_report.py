@@ -102,3 +102,25 @@ def test_training_curves_plot_loss_and_validation_psnr_of_each_run(tmp_path):
     assert [line.get_label() for line in loss_axis.get_lines()] == ["a", "b"]
     np.testing.assert_array_equal(loss_axis.get_lines()[1].get_ydata(), [0.25, 0.125])
     assert [line.get_label() for line in psnr_axis.get_lines()] == ["a", "b", "bicubic"]
+
+
+def test_image_grid_keeps_every_panel_three_inches_with_or_without_colour_bars(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    hr = rng.uniform(size=(2, 16, 16)).astype(np.float32)
+    sr = hr + rng.normal(0, 0.05, hr.shape).astype(np.float32)
+    lesions = [hr[0] > 0.9, np.zeros((16, 16), bool)]
+    columns = [
+        report.GridColumn("model", sr),
+        report.GridColumn("original", hr),
+        report.GridColumn("T1", [hr[0], None], "mr"),  # the second slice has no MR
+    ]
+    shape = report.image_grid(tmp_path / "plain.png", columns, ["a", "b"], outlines=lesions)
+    assert shape == (2, 3)
+    with Image.open(tmp_path / "plain.png") as png:
+        assert png.size == (3 * 300, 2 * 300)
+    # The run's figure: a colour bar per scale, in 1.6 inches beside the four panels.
+    report.comparison_figure(tmp_path / "bars.png", hr, hr, sr)
+    with Image.open(tmp_path / "bars.png") as png:
+        assert png.size == (4 * 300 + 160, 2 * 300)
