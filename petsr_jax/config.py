@@ -43,9 +43,9 @@ MODELS = ("srcnn", "deepsr")
 # `model.init`: PyTorch's default (the authors'), flax's lecun_normal, SRCNN's N(0, 0.001²);
 # petsr_jax.models.layers implements them.
 INITS = ("torch", "flax", "srcnn")
-# `model.conv`: how convolutions are computed (petsr_jax.models.conv_module); "xla" is what
-# older config.json files call "flax".
-CONVS = ("auto", "flax", "cpu", "onednn", "xla")
+# `model.conv`: how convolutions are computed (petsr_jax.models.conv_module). Older config.json
+# files say "xla" for "flax"; `petsr_jax.inference.read_config` reads it as "flax".
+CONVS = ("auto", "flax", "cpu", "onednn")
 # `task.degradation` and `task.consistency` (petsr_jax.task).
 DEGRADATIONS = ("bicubic", "scanner")
 CONSISTENCY = ("none", "block")

@@ -53,11 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from petsr_jax.config import DEGRADATIONS
 from petsr_jax.data.degrade import degrade
 from petsr_jax.data.domain import PHYSICAL, Domain
 
-DEGRADATIONS = ("bicubic", "scanner")
-CONSISTENCY = ("none", "block")
 # The network is told the scanner input's FWHM in pixels divided by this, so the channel lies
 # near 1 (FWHMs of 1–4 pixels).
 FWHM_CHANNEL_SCALE = 4.0

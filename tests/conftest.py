@@ -158,7 +158,7 @@ def assert_train_gradients_match_xla(name: str, conv: str, **fields) -> None:
 
     hr = jax.random.uniform(jax.random.key(3), (2, 24, 24, 1))
     grads = {}
-    for impl in ("xla", conv):
+    for impl in ("flax", conv):
         config = build_config(name, ",".join(f"{k}={v}" for k, v in fields.items()))
         with config.unlocked():
             config.model.conv = impl
@@ -167,7 +167,7 @@ def assert_train_gradients_match_xla(name: str, conv: str, **fields) -> None:
         task, keys = Task(Bicubic(8)), jax.random.split(jax.random.key(1), 2)
         loss = jax.jit(jax.grad(train.mse_loss), static_argnums=(1, 2))
         grads[impl] = loss(params, model, task, {"hr": hr}, keys)
-    assert jax.tree.structure(grads["xla"]) == jax.tree.structure(grads[conv])
+    assert jax.tree.structure(grads["flax"]) == jax.tree.structure(grads[conv])
     got = dict(jax.tree_util.tree_leaves_with_path(grads[conv]))
-    for path, want in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+    for path, want in jax.tree_util.tree_leaves_with_path(grads["flax"]):
         assert rel_err(got[path], want) < 2e-5, jax.tree_util.keystr(path)

@@ -173,12 +173,11 @@ def test_conv_choice_follows_the_backend_and_the_device_count():
     assert resolve_conv("auto", backend="cpu", devices=4) == "flax"
     assert resolve_conv("auto") == "flax"
     assert resolve_conv("cpu", backend="cpu", devices=4) == "cpu"
-    assert resolve_conv("xla") == "flax"  # what older config.json files say
     with pytest.raises(ValueError, match="model.conv"):
         resolve_conv("fast")
 
 
 def test_create_model_builds_the_module_the_config_names():
-    for conv, module in (("auto", nn.Conv), ("flax", nn.Conv), ("xla", nn.Conv)):
+    for conv, module in (("auto", nn.Conv), ("flax", nn.Conv)):
         assert create_model(build_config("srcnn", f"model.conv={conv}")).conv is module
     assert create_model(build_config("deepsr", "model.conv=cpu")).conv is fast_conv.Conv

@@ -28,7 +28,6 @@ def resolve_conv(conv: str = "auto", backend: str | None = None, devices: int | 
     partitioning rule, so XLA would gather the whole batch onto every device. `backend` and
     `devices` default to JAX's (`jax.default_backend()`, `jax.device_count()`).
     """
-    conv = "flax" if conv == "xla" else conv  # older config.json files
     if conv not in CONVS:
         raise ValueError(f"model.conv must be one of {CONVS}, got {conv!r}")
     if conv != "auto":

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from petsr_jax import io
+from petsr_jax.config import parse_split
 
 AUX_FOLDERS = ("masks", "t1", "labels", "lesions")
 
@@ -239,8 +240,6 @@ def resolve_root(config) -> Path:
 
 def resolve_split(config, root: Path) -> dict[str, list[str]]:
     """Patients per split for a config (an explicit split file wins, then `<root>/split.json`)."""
-    from petsr_jax.config import parse_split
-
     split_file = config.data.split_file
     if not split_file and (root / "split.json").exists():
         split_file = str(root / "split.json")

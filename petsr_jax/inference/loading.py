@@ -86,6 +86,9 @@ def read_config(workdir) -> ml_collections.ConfigDict:
         defaults = base_config(fields["model"]["name"])
     except ValueError as error:
         raise InferenceError(f"{path}: field model.name: {error}") from None
+    # Older runs called flax's convolutions "xla"; the name changed, the parameters did not.
+    if fields["model"].get("conv") == "xla":
+        fields["model"]["conv"] = "flax"
     # The saved values win; defaults only fill fields added to the project after the run, so
     # an older workdir still loads.
     config = _overlay(defaults, fields)

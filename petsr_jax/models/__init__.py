@@ -1,7 +1,7 @@
 """The paper's two networks and the one place a config becomes one of them.
 
 `create_model(config)` builds SRCNN or DeepSR with the convolution module `model.conv` names:
-flax's `nn.Conv` (`"flax"`; `"xla"` in older config.json files), a CPU kernel from
+flax's `nn.Conv` (`"flax"`), a CPU kernel from
 `petsr_jax.cpu` (`"cpu"`, `"onednn"`), or `"auto"`, which `petsr_jax.cpu.resolve_conv` settles
 by backend. The choice changes how convolutions are computed, never the parameters, so a
 checkpoint trained with one loads with any other.
@@ -38,7 +38,7 @@ def conv_module(conv: str = "auto") -> ConvModule:
     """The convolution module class for `model.conv`; `petsr_jax.cpu` loads only when asked."""
     if conv not in CONVS:
         raise ValueError(f"model.conv must be one of {CONVS}, got {conv!r}")
-    if conv in ("flax", "xla"):
+    if conv == "flax":
         return nn.Conv
     from petsr_jax import cpu
 
