@@ -67,6 +67,20 @@ FLAG_HELP = {
     "tiny": "the tests' size: the tiny cohort (4 × 8 slices of 32²), a few steps",
 }
 
+# The `scanner` variant, the same for both networks: trained on what a scanner produces, for
+# enhancing real scans (petsr_jax.task). The input is the true activity of random shape phantoms
+# blurred by a 3D PSF of 3–6 mm FWHM with reconstruction noise, the target the same activity at
+# half that FWHM without noise; the network sees 3 slices and is told the PSF; its output keeps
+# the input's activity in every 4×4 block. Combines with the others: `scanner,quick` (a CPU run
+# of minutes), `scanner,gpu`.
+SCANNER_VARIANT = {
+    "task.degradation": "scanner",
+    "task.context": 1,
+    "task.consistency": "block",
+    "model.in_channels": 4,
+    "data.eval_slices": "all",
+}
+
 # Where `build_config` finds the config files: the `configs/` folder of a source checkout.
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
