@@ -61,4 +61,42 @@ VARIANTS = {
     },
     # Trained on what a scanner produces, for enhancing real scans: see config.SCANNER_VARIANT.
     "scanner": SCANNER_VARIANT,
+    # MR-guided: the co-registered T1 slice as a second input channel (full resolution, not
+    # degraded); the output and the residual stay PET only. Combines with the others:
+    # `quick,mr`. Add the radial and axial coordinate channels with `mr.coordinates=true,
+    # model.in_channels=4`.
+    "mr": {"mr.t1": True, "model.in_channels": 2},
+    # Unit-test sized: a few steps of a 2-block network on the tiny cohort.
+    "tiny": {
+        "data.cohort": "tiny",
+        "data.split": "2/1/1",
+        "data.crop_size": 32,
+        "train.batch_size": 4,
+        "train.epochs": 1,
+        "train.eval_every_steps": 4,
+        "train.checkpoint_every_steps": 4,
+        "train.log_every_steps": 2,
+        "eval.lpips": False,
+        "eval.num_figure_slices": 2,
+        "model.num_blocks": 2,
+        "model.width": 8,
+    },
+    # The authors' protocol (their released code): slices min–max scaled to 8 bits, the input
+    # made by PIL's 8-bit bicubic and scored with the paper's metrics, batch 16, no
+    # augmentation, the final weights. Combines with the others: `quick,paper`.
+    "paper": {
+        "data.domain": "paper",
+        "data.flip": False,
+        "train.batch_size": 16,
+        "eval.weights": "final",
+    },
+    # One GPU: bfloat16 convolutions (params and Adam stay float32), whole slices, and the
+    # authors' batch of 16 (their code, trained on one 24 GB Quadro P6000); evaluation in
+    # larger batches.
+    "gpu": {
+        "compute_dtype": "bfloat16",
+        "data.crop_size": 0,
+        "train.batch_size": 16,
+        "eval.batch_size": 32,
+    },
 }
