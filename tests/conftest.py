@@ -40,6 +40,17 @@ def fresh_python_env(**changes) -> dict:
     return env
 
 
+def compilation_cache_env(folder) -> dict[str, str]:
+    """Environment entries that make launched processes share JAX's persistent compilation
+    cache in `folder`: a later process loads the programs an earlier one compiled (the same
+    executables, so the same numbers) instead of compiling them again."""
+    return {
+        "JAX_COMPILATION_CACHE_DIR": str(folder),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
 def run_python(code: str, *args: str, **env_changes) -> subprocess.CompletedProcess:
     """Run `code` (dedented) in a fresh Python with `args` as its argv; output captured."""
     return subprocess.run(
@@ -100,6 +111,20 @@ def tiny_deepsr_workdir(nifti_root, tmp_path_factory):
 
     workdir = tmp_path_factory.getbasetemp() / "tiny_deepsr_run"
     config = build_config("deepsr", f"tiny,data.root={nifti_root}")
+    train.train_and_evaluate(config, workdir, progress=False)  # returns at once when finished
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_srcnn_workdir(nifti_root, tmp_path_factory):
+    """A finished two-epoch tiny SRCNN run on `nifti_root` (8 steps, checkpoints at 4 and 8),
+    trained once per test session: the uninterrupted run that interrupted, killed and
+    multi-process runs of the same config must end equal to. Read it, never write into it."""
+    from petsr_jax import train
+    from petsr_jax.config import build_config
+
+    workdir = tmp_path_factory.getbasetemp() / "tiny_srcnn_run"
+    config = build_config("srcnn", f"tiny,data.root={nifti_root},train.epochs=2")
     train.train_and_evaluate(config, workdir, progress=False)  # returns at once when finished
     return workdir
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compilation_cache_env
 
 from petsr_jax import data, distributed, train
 from petsr_jax.config import build_config
@@ -108,7 +109,7 @@ def test_distributed_launch_missing_fields_is_one_line_from_main(tmp_path):
             "--config.distributed.coordinator_address=localhost:1",
             f"--workdir={tmp_path / 'run'}",
         ],
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PETSR_ALLOCATOR": "system"},
         capture_output=True,
         text=True,
         timeout=120,
@@ -171,12 +172,12 @@ def _env(cache_dir: Path) -> dict:
         **os.environ,
         "XLA_FLAGS": flags.strip(),
         "JAX_PLATFORMS": "cpu",
+        # No tcmalloc re-execution (a second interpreter start): not what these tests check.
+        "PETSR_ALLOCATOR": "system",
         "PETSR_CACHE_DIR": str(cache_dir),
         # Later launches load the programs earlier ones compiled (the same executables, so the
         # same numbers): several seconds less per process on a 2-core machine.
-        "JAX_COMPILATION_CACHE_DIR": str(cache_dir.parent / "jax_compilation_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        **compilation_cache_env(cache_dir.parent / "jax_compilation_cache"),
     }
 
 
@@ -229,21 +230,22 @@ def _wait(procs, timeout: float = RUN_TIMEOUT_S) -> None:
 
 def _last_params(workdir: Path):
     config = build_config("srcnn", "tiny")
-    like = create_model(config).init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    model = create_model(config)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
     return jax.device_get(checkpoint.restore_params(workdir, like, which="last"))
 
 
 @pytest.fixture(scope="module")
-def runs(nifti_root, tmp_path_factory):
-    """A one-process 4-device run (in this process) and a two-process run of the same config."""
+def runs(nifti_root, tiny_srcnn_workdir, tmp_path_factory):
+    """The one-process 4-device run of conftest (trained in this process) and a two-process
+    run of the same config."""
+    assert jax.device_count() == PROCESSES * DEVICES_PER_PROCESS
+    config = json.loads((tiny_srcnn_workdir / "config.json").read_text())
+    assert (config["model"]["name"], config["train"]["epochs"]) == ("srcnn", EPOCHS)
+    assert config["data"]["root"] == str(nifti_root)
     base = tmp_path_factory.mktemp("distributed")
     cache_dir = tmp_path_factory.getbasetemp() / "slice_cache"
-    single = base / "single"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PETSR_CACHE_DIR", str(cache_dir))
-        assert jax.device_count() == PROCESSES * DEVICES_PER_PROCESS
-        config = build_config("srcnn", f"tiny,data.root={nifti_root},train.epochs={EPOCHS}")
-        train.train_and_evaluate(config, single, progress=False)
+    single = tiny_srcnn_workdir
     multi = base / "multi"
     procs = _launch(nifti_root, multi, cache_dir)
     _wait(procs)

@@ -30,7 +30,8 @@ def dicom_input(nifti_root, tmp_path_factory):
 
 
 def _enhance(*args, timeout=300):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # No tcmalloc re-execution (a second interpreter start): the allocator is not checked here.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PETSR_ALLOCATOR": "system"}
     cmd = [sys.executable, str(REPO / "launch" / "enhance.py"), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 

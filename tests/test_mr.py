@@ -179,7 +179,8 @@ def test_pet_only_model_refuses_a_t1(tiny_deepsr, nifti_root, mr_root):
 
 
 def _enhance(*args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # No tcmalloc re-execution (a second interpreter start): the allocator is not checked here.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PETSR_ALLOCATOR": "system"}
     cmd = [sys.executable, str(REPO / "launch" / "enhance.py"), *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -203,7 +203,7 @@ def _apply(settings, model_name, scale, images):
     images in the network's domain, by flax directly."""
     config = build_config(model_name, settings.model_arg(scale))
     model = create_model(config)
-    like = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
     workdir = settings.runs_dir / reproduce.run_name(model_name, scale, settings)
     params = checkpoint.restore_params(workdir, like, which="last")
     batch = jnp.asarray(images, jnp.float32)[..., None]
@@ -289,7 +289,8 @@ def test_rerunning_the_command_reuses_finished_runs(reproduced, tmp_path):
         f"--out={out}",
         f"--config_arg={settings.config_arg}",
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # No tcmalloc re-execution (a second interpreter start): the allocator is not checked here.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PETSR_ALLOCATOR": "system"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for w in workdirs:

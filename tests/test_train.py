@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import compilation_cache_env
 
 from petsr_jax import data, sharding, train
 from petsr_jax.config import build_config
@@ -94,11 +95,11 @@ def _config(root, **overrides):
 
 
 @pytest.fixture(scope="module")
-def finished_run(nifti_root, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
+def finished_run(nifti_root, tiny_srcnn_workdir):
+    """The session's finished two-epoch tiny SRCNN run (conftest), with its config."""
     config = _config(nifti_root, **{"train.epochs": 2})
-    results = train.train_and_evaluate(config, workdir, progress=False)
-    return config, workdir, results
+    results = json.loads((tiny_srcnn_workdir / "results.json").read_text())
+    return config, tiny_srcnn_workdir, results
 
 
 def test_a_run_writes_every_output(finished_run):
@@ -237,7 +238,7 @@ def _final_params(workdir, config):
     from petsr_jax.models import create_model
 
     model = create_model(config)
-    like = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 1)))["params"]
     return jax.device_get(checkpoint.restore_params(workdir, like, which="last"))
 
 
@@ -305,25 +306,33 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 def test_kill_9_during_training_resumes_to_the_same_parameters(finished_run, tmp_path):
     """A real `kill -9` of `launch/main.py`, then the same command again."""
     config, workdir, _ = finished_run
-    env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"], "JAX_PLATFORMS": "cpu"}
+    run = tmp_path / "run"
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ["XLA_FLAGS"],
+        "JAX_PLATFORMS": "cpu",
+        "PETSR_ALLOCATOR": "system",  # no tcmalloc re-execution: not what this checks
+        # The second command loads the programs the killed one compiled.
+        **compilation_cache_env(tmp_path / "jax_cache"),
+    }
     cmd = [
         sys.executable,
         str(REPO / "launch" / "main.py"),
         f"--config={REPO / 'configs' / 'srcnn.py'}:tiny,data.root={config.data.root},"
         "train.epochs=2",
-        f"--workdir={tmp_path}",
+        f"--workdir={run}",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "checkpoints" / "4").is_dir():
+    while time.time() < deadline and not (run / "checkpoints" / "4").is_dir():
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "results.json").exists()
+    assert not (run / "results.json").exists()
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     for a, b in zip(
         jax.tree.leaves(_final_params(workdir, config)),
-        jax.tree.leaves(_final_params(tmp_path, config)),
+        jax.tree.leaves(_final_params(run, config)),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)

@@ -20,6 +20,9 @@ from petsr_jax.config import build_config
 from petsr_jax.run import identity, layout, lock
 
 REPO = Path(__file__).resolve().parent.parent
+# Launch scripts stay on the system allocator (no tcmalloc re-execution, a second interpreter
+# start): the allocator is not what these tests check.
+LAUNCH_ENV = {"PETSR_ALLOCATOR": "system"}
 
 
 def _tiny(root, extra=""):
@@ -104,7 +107,7 @@ def test_main_with_an_explicit_workdir_of_another_run_exits_2_naming_the_fields(
             f"--config={REPO}/configs/deepsr.py:tiny,data.root={nifti_root},train.lr=3e-3",
             f"--workdir={finished_copy}",
         ],
-        env=fresh_python_env(),
+        env=fresh_python_env(**LAUNCH_ENV),
         capture_output=True,
         text=True,
         timeout=600,
@@ -153,7 +156,7 @@ def _main(workdir: Path, root, cache: Path) -> subprocess.CompletedProcess:
             f"--config={REPO}/configs/deepsr.py:tiny,data.root={root}",
             f"--workdir={workdir}",
         ],
-        env=fresh_python_env(PETSR_CACHE_DIR=str(cache)),
+        env=fresh_python_env(PETSR_CACHE_DIR=str(cache), **LAUNCH_ENV),
         capture_output=True,
         text=True,
         timeout=600,
