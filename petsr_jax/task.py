@@ -63,6 +63,9 @@ FWHM_CHANNEL_SCALE = 4.0
 # Blurs are computed to this many standard deviations; the axial margin follows from it.
 KERNEL_SIGMAS = 3.0
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+# The thinnest slices the cached neighbours cover (`Task.neighbours_before_data`); PET is
+# reconstructed at 1.5–5 mm.
+MIN_SLICE_MM = 1.0
 
 
 class TaskError(ValueError):
@@ -285,6 +288,14 @@ class Task:
 
     # -- shapes -------------------------------------------------------------------------------
 
+    @classmethod
+    def neighbours_before_data(cls, config) -> int:
+        """Neighbours each side to cache before the data's slice spacing is known: a scanner
+        PSF's axial reach counted for slices of `MIN_SLICE_MM`, so every thicker slicing has
+        what it needs (a few more slices than it reads; `_stack` takes the central ones)."""
+        spacing = (MIN_SLICE_MM, MIN_SLICE_MM, MIN_SLICE_MM)
+        return cls.from_config(config, spacing_mm=spacing).neighbours
+
     @property
     def neighbours(self) -> int:
         """Neighbouring slices each side a batch must carry (`context`)."""
@@ -309,7 +320,10 @@ class Task:
         context = jnp.asarray(batch["context"], hr.dtype)
         have = context.shape[-1] // 2
         if have < neighbours:
-            raise TaskError(f"the batch carries {have} neighbours each side; {neighbours} needed")
+            raise TaskError(
+                f"the batch carries {have} neighbours each side; {neighbours} needed (slices "
+                f"thinner than {MIN_SLICE_MM:g} mm need more than the cache holds)"
+            )
         below = context[..., have - neighbours : have]
         above = context[..., have : have + neighbours]
         return jnp.concatenate([below, hr, above], axis=-1)

@@ -225,7 +225,7 @@ def val_results(config, workdir: Path, results: dict) -> dict:
         eval_split=True,
         rule=config.data.eval_slices,
         guidance=mr.guidance_channels(config),  # an MR-guided sweep's T1 (and coordinates)
-        neighbours=Task.from_config(config, spacing_mm=(1.0, 1.0, 1.0)).neighbours,
+        neighbours=Task.neighbours_before_data(config),
     )
     task = Task.from_config(config, spacing_mm=val_set.voxel_spacing)
     scores = evaluate.evaluate_run(params, val_set, config, model=model, task=task, mesh=mesh)

@@ -101,8 +101,7 @@ def prepare_data(config) -> RunData:
     the run now, not after hours of training) and the task for the training data's voxels."""
     root = data.resolve_root(config)
     split = data.resolve_split(config, root)
-    # The neighbours a task needs do not depend on the data's voxel size, its PSF in voxels does.
-    neighbours = Task.from_config(config, spacing_mm=(1.0, 1.0, 1.0)).neighbours
+    neighbours = Task.neighbours_before_data(config)
     sets = {
         name: data.build_slice_set(
             root,
