@@ -6,9 +6,13 @@ Example, after training the two quick runs:
   python launch/main.py --config=configs/deepsr.py:scale=8,quick,mr
   python launch/compare_mr.py --pet_only=runs/deepsr_x8_small_b6 --mr=runs/deepsr_x8_small_b6_mr
 
-Writes `mr_comparison.md` (PSNR / SSIM whole and brain, grey-matter and lesion activity errors
-of bicubic, PET-only and MR-guided), `mr_comparison.json` and `mr_comparison.png` (test slices
-with a lesion: PET-only | MR-guided | original | T1) into --out, and prints the table.
+`--mr` takes several MR-guided runs, comma-separated (variants of the method, e.g. with
+`mr.dropout` or `task.consistency=block`). Writes `mr_comparison.md` (PSNR / SSIM whole and
+brain, grey-matter activity error, lesion activity errors and contrast recovery — all lesions,
+those below grey-matter uptake, the cold ones — with 95 % CIs, and each MR-guided run's paired
+difference from the PET-only one lesion by lesion), `mr_comparison.json` and
+`mr_comparison.png` (lesion crops: bicubic | PET-only | each MR-guided | original | T1) into
+--out, and prints the table.
 """
 
 from petsr_jax import cpu
@@ -24,7 +28,7 @@ from petsr_jax.experiments import mr_guidance  # noqa: E402
 from petsr_jax.run import checkpoint  # noqa: E402
 
 _PET_ONLY = flags.DEFINE_string("pet_only", None, "Workdir of the PET-only run.")
-_MR = flags.DEFINE_string("mr", None, "Workdir of the MR-guided run (config flag mr).")
+_MR = flags.DEFINE_list("mr", None, "Workdirs of MR-guided runs (config flag mr), comma-separated.")
 _OUT = flags.DEFINE_string("out", "reports/mr", "Folder for the table, JSON and figure.")
 
 

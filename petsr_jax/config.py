@@ -169,6 +169,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "t1": False,
             # Two more channels: distance from the slice centre and position along the axis.
             "coordinates": False,
+            # Fraction of training images whose guidance channels are zeroed: the network must
+            # also restore the PET without the anatomy, so it cannot learn that the T1 alone
+            # decides the uptake (a lesion exists in the PET only). Evaluation and use always
+            # give the T1.
+            "dropout": 0.0,
         }
     )
     # What the network learns to undo, and what its output must keep (petsr_jax.task).
@@ -193,7 +198,7 @@ def base_config(model: str) -> ml_collections.ConfigDict:
         {
             "fwhm_min_mm": 3.0,  # clinical PET: 3 (digital, PSF-OSEM) to 6 mm (older, FBP)
             "fwhm_max_mm": 6.0,
-            "target_ratio": 0.5,
+            "target_ratio": 0.4,
             # Voxel CoV of a uniform background at the slice's mean activity level.
             "noise_min": 0.02,
             "noise_max": 0.4,
@@ -605,6 +610,11 @@ def _mr_problems(config) -> list[str]:
     problems = []
     if config.mr.coordinates and not config.mr.t1:
         problems.append("mr.coordinates: the coordinate channels come with the T1; set mr.t1=true")
+    dropout = config.mr.get("dropout", 0.0)
+    if not 0.0 <= dropout < 1.0:
+        problems.append(f"mr.dropout: a fraction of training images, in [0, 1); got {dropout}")
+    elif dropout and not config.mr.t1:
+        problems.append("mr.dropout: drops the T1 guidance of an MR-guided run; set mr.t1=true")
     expected = input_channels(config)
     if config.model.in_channels != expected:
         problems.append(

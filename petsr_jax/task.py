@@ -11,7 +11,8 @@ A batch is a dict of NHWC arrays, the slice to restore and what comes with it:
 * `context` `[N, H, W, 2n]` — its `n` neighbours on each side, nearest last below it and
   nearest first above it (slice order `-n … -1, +1 … +n`), volume edges reflected
   (`data.context_slices`); present when the task needs neighbours (`Task.neighbours`);
-* `guide` `[N, H, W, C]` — an MR-guided run's T1 (and coordinates), never degraded;
+* `guide` `[N, H, W, C]` — an MR-guided run's T1 (and coordinates), never degraded; in
+  training a fraction `guide_dropout` of the images get zeros instead (`mr.dropout`);
 * `index` `[N]` (evaluation only) — a number per slice that fixes the random draws of a
   stochastic degradation, so a slice is scored on the same input at every evaluation.
 
@@ -66,6 +67,9 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # The thinnest slices the cached neighbours cover (`Task.neighbours_before_data`); PET is
 # reconstructed at 1.5–5 mm.
 MIN_SLICE_MM = 1.0
+# Stream of an image's PRNG key that draws whether its MR guidance is dropped (the key itself
+# draws the degradation).
+GUIDE_DROPOUT_STREAM = 1
 
 
 class TaskError(ValueError):
@@ -244,6 +248,7 @@ class Task:
     guidance: tuple[str, ...] = ()
     consistency: str = "none"
     block: int = 0
+    guide_dropout: float = 0.0
 
     @classmethod
     def from_config(cls, config, spacing_mm=None) -> Task:
@@ -284,6 +289,7 @@ class Task:
             guidance=mr.guidance_channels(config),
             consistency=str(t.get("consistency", "none")),
             block=int(t.get("consistency_block", 0)) or default_block,
+            guide_dropout=float(config.get("mr", {}).get("dropout", 0.0)),
         )
 
     # -- shapes -------------------------------------------------------------------------------
@@ -382,9 +388,26 @@ class Task:
         sr = model.apply({"params": params}, self._network_input(slab, batch, fwhm_px))
         return self._finish(sr, jnp.asarray(batch["hr"]))
 
+    def drop_guidance(self, batch, keys):
+        """`batch` with the MR guidance of a `guide_dropout` fraction of its images zeroed, one
+        draw per image from its key: what training sees, so the network also learns to restore
+        the PET where the anatomy says nothing."""
+        if not (self.guidance and self.guide_dropout):
+            return batch
+
+        def dropped(key):
+            key = jax.random.fold_in(key, GUIDE_DROPOUT_STREAM)
+            return jax.random.bernoulli(key, self.guide_dropout)
+
+        drop = jax.vmap(dropped)(keys)
+        guide = jnp.asarray(batch["guide"])
+        kept = jnp.where(drop[:, None, None, None], 0, guide).astype(guide.dtype)
+        return {**batch, "guide": kept}
+
     def loss(self, model, params, batch, keys):
-        """MSE between the output for the degraded batch and its target."""
-        _, sr, target = self.predict(model, params, batch, keys)
+        """MSE between the output for the degraded batch (its guidance dropped as configured)
+        and its target."""
+        _, sr, target = self.predict(model, params, self.drop_guidance(batch, keys), keys)
         return jnp.mean(jnp.square(sr - target))
 
     @staticmethod
@@ -401,7 +424,8 @@ class Task:
         if self.context:
             parts.append(f"2.5D ({self.slab} slices)")
         if self.guidance:
-            parts.append("MR-guided")
+            dropped = self.guide_dropout and f", guidance dropped for {self.guide_dropout:.0%}"
+            parts.append("MR-guided" + (dropped or ""))
         if self.consistency == "block":
             parts.append(f"activity kept per {self.block}×{self.block} block")
         return ", ".join(parts)

@@ -214,3 +214,81 @@ def test_regional_recovery_against_a_hand_computation(net, nifti_root, tmp_path)
                 100 * (image[region].max() - true_max) / true_max, rel=1e-4, abs=1e-4
             )
     assert result["summary"]["lesion"]["count"] == 2
+
+
+# ------------------------------------------------------------------ lesion contrast recovery
+
+
+def test_lesion_shell_is_the_surroundings_within_one_equivalent_radius():
+    """A cube lesion of 27 voxels of 2 mm: equivalent radius (3·216/4π)^⅓ = 3.72 mm, so the
+    shell holds the voxels within 3.72 mm of it (a face neighbour at 2 mm, an edge neighbour at
+    2.83 mm, a corner at 3.46 mm, none at 4 mm), outside any lesion and inside the brain."""
+    lesions = np.zeros((9, 9, 9), np.uint8)
+    lesions[3:6, 3:6, 3:6] = 1
+    lesions[7, 4, 4] = 2  # a second lesion inside the first's reach: never its surroundings
+    brain = np.ones(lesions.shape, bool)
+    brain[:, :, 8] = False
+    shells = regional.lesion_shells(lesions, (2.0, 2.0, 2.0), brain)
+    distance = np.full(lesions.shape, np.inf)  # brute force: nearest lesion-1 voxel centre
+    for z, y, x in np.argwhere(lesions == 1):
+        grid = np.indices(lesions.shape)
+        d = 2.0 * np.sqrt((grid[0] - z) ** 2 + (grid[1] - y) ** 2 + (grid[2] - x) ** 2)
+        distance = np.minimum(distance, d)
+    radius = (3 * 27 * 8 / (4 * np.pi)) ** (1 / 3)
+    expected = (distance > 0) & (distance <= radius) & (lesions == 0) & brain
+    np.testing.assert_array_equal(shells[1], expected)
+    assert not shells[1][7, 4, 4] and shells[1][6, 4, 4] and not shells[1][8, 4, 4]
+    assert set(shells) == {1, 2}
+
+
+def test_contrast_recovery_of_hot_and_cold_lesions_by_hand():
+    """Lesion 400 in a shell of 100 (contrast 4) and lesion 40 in 200 (contrast 0.2), on a
+    grey matter of 250: one hot above GM, one cold below it; an image that halves the hot
+    lesion's excess recovers half its contrast, one that fills the cold lesion to its shell
+    recovers none."""
+    truth = np.full((1, 12, 12), 100.0, np.float32)
+    truth[0, :, 6:] = 200.0
+    truth[0, 2:4, 2:4] = 400.0  # hot lesion 1 in the 100 half
+    truth[0, 8:10, 8:10] = 40.0  # cold lesion 2 in the 200 half
+    labels = np.zeros(truth.shape, np.uint8)
+    labels[0, 11, :] = 1  # grey matter
+    truth[0, 11, :] = 250.0
+    lesions = np.zeros(truth.shape, np.uint8)
+    lesions[0, 2:4, 2:4] = 1
+    lesions[0, 8:10, 8:10] = 2
+    shells = {1: np.zeros(truth.shape, bool), 2: np.zeros(truth.shape, bool)}
+    shells[1][0, 0:6, 0:6] = True
+    shells[1][0, 2:4, 2:4] = False
+    shells[2][0, 6:11, 6:12] = True
+    shells[2][0, 8:10, 8:10] = False
+    image = truth.copy()
+    image[0, 2:4, 2:4] = 250.0  # hot: contrast 2.5, (2.5 − 1) / (4 − 1) = 0.5
+    image[0, 8:10, 8:10] = 200.0  # cold: filled to its shell, CRC 0
+    rows = regional.region_rows(
+        truth, {"bicubic": image, "sr": truth}, labels=labels, lesions=lesions, shells=shells
+    )
+    hot, cold = (r for r in rows if r["kind"] == "lesion")
+    assert hot["true_contrast"] == pytest.approx(4.0) and hot["lesion_type"] == "hot"
+    assert cold["true_contrast"] == pytest.approx(0.2) and cold["lesion_type"] == "cold"
+    assert hot["gm_relation"] == "above" and cold["gm_relation"] == "below"
+    assert hot["bicubic"]["crc"] == pytest.approx(0.5) and cold["bicubic"]["crc"] == 0.0
+    assert hot["sr"]["crc"] == pytest.approx(1.0) and cold["sr"]["crc"] == pytest.approx(1.0)
+    # The issue's cold form, (1 − L/B) / (1 − L_true/B_true), is the same number.
+    assert regional.contrast_recovery(0.6, 0.2) == pytest.approx((1 - 0.6) / (1 - 0.2))
+    summary = regional.summarise_regions(rows)
+    assert summary["lesion"]["count"] == 2
+    assert summary["lesion_hot"]["count"] == summary["lesion_below_gm"]["count"] == 1
+    assert summary["lesion"]["bicubic"]["crc"] == pytest.approx(0.25)
+    assert summary["lesion_cold"]["bicubic"]["mean_error_pct"] == pytest.approx(400.0)
+    assert "crc" not in summary["grey_matter"]["bicubic"]
+
+
+def test_confidence_interval_against_scipy():
+    from scipy import stats
+
+    values = [12.0, 3.5, 7.25, 20.0, 1.0, 9.0]
+    mean, ci = regional.mean_and_ci(values + [None])
+    low, high = stats.t.interval(0.95, len(values) - 1, np.mean(values), stats.sem(values))
+    assert mean == pytest.approx(np.mean(values))
+    assert ci == pytest.approx([low, high])
+    assert regional.mean_and_ci([5.0]) == (5.0, None) and regional.mean_and_ci([]) == (None, None)

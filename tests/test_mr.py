@@ -201,3 +201,54 @@ def test_enhance_refuses_a_missing_or_unneeded_t1_and_writes_nothing(
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "c" / "pat-03.nii.gz").exists()
+
+
+def _lesion_row(patient, label, gm_relation, error_pct):
+    return {
+        "patient": patient,
+        "region": f"lesion_{label}",
+        "kind": "lesion",
+        "lesion_type": "cold",
+        "gm_relation": gm_relation,
+        "sr": {"mean_error_pct": error_pct},
+    }
+
+
+def _results(errors):
+    rows = [_lesion_row("p", k + 1, "below" if k < 2 else "above", e) for k, e in enumerate(errors)]
+    return {"results": {"regional": {"rows": rows}}}
+
+
+def test_paired_lesion_differences_match_lesions_by_patient_and_label():
+    """|MR error| − |PET-only error| lesion by lesion, with Student's t CI from scipy."""
+    from scipy import stats
+
+    from petsr_jax.experiments import mr_guidance
+
+    pet_only = _results([10.0, -20.0, 5.0, -4.0])
+    mr_guided = _results([30.0, -10.0, 6.0, 1.0])
+    mr_guided["config"] = {"mr": {"t1": True, "dropout": 0.5}, "task": {"consistency": "block"}}
+    paired = mr_guidance.paired_differences(pet_only, [mr_guided])
+    by_group = {p["group"]: p for p in paired}
+    differences = [20.0, -10.0, 1.0, -3.0]
+    everything = by_group["all lesions"]
+    assert everything["count"] == 4 and everything["mean_difference"] == pytest.approx(2.0)
+    low, high = stats.t.interval(0.95, 3, 2.0, stats.sem(differences))
+    assert everything["ci95"] == pytest.approx([low, high])
+    below = by_group["lesions below GM uptake"]
+    assert below["count"] == 2 and below["mean_difference"] == pytest.approx(5.0)
+    label = "MR-guided (T1 dropped for 50% in training, activity kept per block)"
+    assert everything["label"] == label
+
+
+def test_lesion_crop_windows_centre_the_lesion_and_stay_in_the_image():
+    from petsr_jax.experiments import mr_guidance
+
+    mask = np.zeros((64, 64), bool)
+    mask[2:6, 58:62] = True  # near a corner
+    rows, cols = mr_guidance._crop_box(mask)
+    assert rows.start == 0 and cols.stop == 64 and mask[rows, cols].sum() == mask.sum()
+    mask = np.zeros((64, 64), bool)
+    mask[20:40, 20:40] = True  # radius √(400/π) = 11.3 px: 2.5 × that each side
+    rows, cols = mr_guidance._crop_box(mask)
+    assert rows == slice(30 - 29, 30 + 29) and cols == rows

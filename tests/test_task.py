@@ -141,6 +141,30 @@ def test_config_refuses_tasks_the_paper_domain_cannot_carry():
         validate(config)
 
 
+def test_mr_dropout_zeroes_the_guidance_of_a_fraction_of_images_by_their_keys():
+    rng = np.random.default_rng(3)
+    batch = {
+        "hr": jnp.asarray(rng.random((256, 8, 8, 1)), jnp.float32),
+        "guide": jnp.asarray(rng.random((256, 8, 8, 1)) + 0.5, jnp.float32),
+    }
+    keys = jax.random.split(jax.random.key(1), 256)
+    task = Task(Bicubic(2), guidance=("t1",), guide_dropout=0.3)
+    guide, given = np.asarray(task.drop_guidance(batch, keys)["guide"]), np.asarray(batch["guide"])
+    dropped = np.all(guide == 0, axis=(1, 2, 3))
+    np.testing.assert_array_equal(guide[~dropped], given[~dropped])
+    assert 0.2 < dropped.mean() < 0.4  # 77 of 256 expected; binomial sd 7
+    again = np.asarray(task.drop_guidance(batch, keys)["guide"])
+    np.testing.assert_array_equal(again, guide)  # the keys decide, so a resumed run draws alike
+    assert Task(Bicubic(2), guidance=("t1",)).drop_guidance(batch, keys) is batch
+    for arg, message in (
+        ("tiny,mr.dropout=0.5", "set mr.t1=true"),
+        ("tiny,mr,mr.dropout=1.0", r"in \[0, 1\)"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            validate(build_config("deepsr", arg))
+    assert Task.from_config(build_config("deepsr", "tiny,mr,mr.dropout=0.25")).guide_dropout == 0.25
+
+
 @pytest.fixture(scope="module")
 def scanner_run(tmp_path_factory):
     """A few steps of a tiny scanner-task DeepSR on 3 random shape phantoms."""

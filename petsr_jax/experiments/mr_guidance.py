@@ -5,12 +5,16 @@ that exists in the PET only (as in the embedded cohort) has no edge in the T1. A
 network can therefore sharpen the cortex and, at the same time, flatten a lesion into the
 surrounding anatomy or draw uptake along T1 edges that the PET does not have. Whole-image PSNR
 would hide either; this comparison puts beside PSNR / SSIM (whole slice and brain) the errors of
-grey-matter mean activity and of each lesion's mean and maximum activity (`regional`), and a
-figure of test slices with a lesion in view: PET-only | MR-guided | original | T1.
+grey-matter mean activity and of each lesion's mean and maximum activity and its contrast
+recovery (`regional`) — all lesions, and those whose true uptake lies below grey matter's, the
+ones an anatomy-trusting network fills upwards — with 95 % CIs, the paired difference of each
+MR-guided run from the PET-only one lesion by lesion, and a figure of lesion crops: bicubic |
+PET-only | each MR-guided | original | T1.
 
-`compare_workdirs(pet_only, mr_guided)` works on two finished runs of the same scale, data root
-and split (their results.json hold the scores and the regional recovery); `launch/compare_mr.py`
-and `launch/reproduce.py` write its table and figure.
+`compare_workdirs(pet_only, mr_guided)` works on finished runs of the same scale, data root and
+split (their results.json hold the scores and the regional recovery), one PET-only and one or
+more MR-guided (variants of the method: `mr.dropout`, `task.consistency`);
+`launch/compare_mr.py` and `launch/reproduce.py` write its table and figure.
 """
 
 from __future__ import annotations
@@ -20,21 +24,27 @@ from pathlib import Path
 import numpy as np
 
 from petsr_jax import data
-from petsr_jax.evaluation import report
+from petsr_jax.evaluation import regional, report
 from petsr_jax.io import files
 from petsr_jax.run import layout
 
 # Columns: (results key, header, digits). Whole-slice and brain scores of the run's domain.
 SCORE_COLUMNS = report.score_columns("psnr", "ssim", "psnr_brain", "ssim_brain")
-# Regional columns: (region kind, statistic, header); mean signed and mean absolute % errors.
+# Regional columns: (summary group, statistic, header); signed and absolute % errors, CRC.
 REGION_COLUMNS = (
     ("grey_matter", "mean_error_pct", "GM mean err %"),
     ("lesion", "mean_error_pct", "lesion mean err %"),
     ("lesion", "abs_mean_error_pct", "lesion |mean err| %"),
-    ("lesion", "max_error_pct", "lesion max err %"),
+    ("lesion", "crc", "lesion CRC"),
+    ("lesion_below_gm", "mean_error_pct", "below-GM lesion mean err %"),
+    ("lesion_below_gm", "abs_mean_error_pct", "below-GM lesion |mean err| %"),
+    ("lesion_cold", "crc", "cold lesion CRC"),
     ("lesion", "abs_max_error_pct", "lesion |max err| %"),
 )
-ROWS = (("bicubic", "pet_only", "bicubic"), ("PET-only", "pet_only", "sr"))
+# Columns shown with their 95 % CI.
+WITH_CI = {"lesion/abs_mean_error_pct", "lesion/crc", "lesion_below_gm/abs_mean_error_pct"}
+# Lesion groups of the paired differences.
+PAIRED_GROUPS = (("lesion", "all lesions"), ("lesion_below_gm", "lesions below GM uptake"))
 
 
 class ComparisonError(ValueError):
@@ -71,47 +81,112 @@ def check_comparable(pet_only: dict, mr_guided: dict) -> None:
         raise ComparisonError(f"{where}: the test patients differ; train both on one split")
 
 
-def comparison_rows(pet_only: dict, mr_guided: dict) -> list[dict]:
-    """Bicubic, PET-only and MR-guided: their test scores and regional errors."""
-    runs = {"pet_only": pet_only["results"], "mr_guided": mr_guided["results"]}
-    rows = []
-    for label, run, image in ROWS + (("MR-guided", "mr_guided", "sr"),):
-        results = runs[run]
-        regional = (results.get("regional") or {}).get("summary", {})
-        rows.append(
-            {
-                "label": label,
-                "scores": {k: results["test"][image].get(k) for k, _, _ in SCORE_COLUMNS},
-                "regions": {
-                    f"{kind}/{stat}": regional.get(kind, {}).get(image, {}).get(stat)
-                    for kind, stat, _ in REGION_COLUMNS
-                },
-                "region_counts": {
-                    kind: regional.get(kind, {}).get("count", 0) for kind in regional
-                },
-            }
-        )
+def run_label(config: dict) -> str:
+    """How an MR-guided run differs from the plain `mr` variant, for its table row."""
+    extras = []
+    dropout = config.get("mr", {}).get("dropout", 0.0)
+    if dropout:
+        extras.append(f"T1 dropped for {dropout:.0%} in training")
+    if config.get("task", {}).get("consistency", "none") == "block":
+        extras.append("activity kept per block")
+    if config.get("mr", {}).get("coordinates"):
+        extras.append("coordinates")
+    return "MR-guided" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _row(label: str, workdir, results: dict, image: str) -> dict:
+    regional = (results.get("regional") or {}).get("summary", {})
+    regions, ci = {}, {}
+    for group, stat, _ in REGION_COLUMNS:
+        stats = regional.get(group, {}).get(image, {})
+        regions[f"{group}/{stat}"] = stats.get(stat)
+        ci[f"{group}/{stat}"] = stats.get("ci95", {}).get(stat)
+    return {
+        "label": label,
+        "workdir": str(workdir),
+        "scores": {k: results["test"][image].get(k) for k, _, _ in SCORE_COLUMNS},
+        "regions": regions,
+        "ci95": ci,
+        "region_counts": {group: entry.get("count", 0) for group, entry in regional.items()},
+    }
+
+
+def comparison_rows(pet_only: dict, mr_guided: list[dict]) -> list[dict]:
+    """Bicubic, PET-only and each MR-guided run: their test scores and regional errors."""
+    rows = [
+        _row("bicubic", pet_only["workdir"], pet_only["results"], "bicubic"),
+        _row("PET-only", pet_only["workdir"], pet_only["results"], "sr"),
+    ]
+    for run in mr_guided:
+        rows.append(_row(run_label(run["config"]), run["workdir"], run["results"], "sr"))
     return rows
 
 
-def _number(value, digits: int, signed: bool = False) -> str:
+def _lesion_errors(results: dict, group: str) -> dict[tuple[str, str], float]:
+    """|mean error| % of each lesion of `group` in a run's regional rows, by (patient, region)."""
+    recovery = results.get("regional") or {}
+    field = {g: (f, v) for g, f, v in regional.LESION_GROUPS}.get(group)
+    errors = {}
+    for row in recovery.get("rows", []):
+        if row["kind"] != "lesion" or (field and row.get(field[0]) != field[1]):
+            continue
+        value = row["sr"].get("mean_error_pct")
+        if value is not None:
+            errors[(row["patient"], row["region"])] = abs(value)
+    return errors
+
+
+def paired_differences(pet_only: dict, mr_guided: list[dict]) -> list[dict]:
+    """Per MR-guided run and lesion group: the mean over lesions of (MR-guided |mean error| −
+    PET-only |mean error|), in % points, with its 95 % CI — lesion by lesion, so the spread
+    between lesions, which dwarfs the difference between methods, does not hide it. Negative:
+    the MR-guided run is closer to the truth."""
+    out = []
+    for run in mr_guided:
+        for group, name in PAIRED_GROUPS:
+            base = _lesion_errors(pet_only["results"], group)
+            other = _lesion_errors(run["results"], group)
+            shared = sorted(set(base) & set(other))
+            mean, ci = regional.mean_and_ci([other[k] - base[k] for k in shared])
+            out.append(
+                {
+                    "label": run_label(run["config"]),
+                    "group": name,
+                    "count": len(shared),
+                    "mean_difference": mean,
+                    "ci95": ci,
+                }
+            )
+    return out
+
+
+def _number(value, digits: int, signed: bool = False, ci=None) -> str:
     if value is None:
         return "n/a"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
 
 
-def comparison_markdown(rows: list[dict], scale: int, figure: str | None = None) -> str:
-    """The side-by-side table, with what the regional columns mean and where MR is blind."""
+def comparison_markdown(
+    rows: list[dict], scale: int, figure: str | None = None, paired: list[dict] | None = None
+) -> str:
+    """The side-by-side table, the paired lesion differences, what the columns mean and where
+    MR is blind."""
     header = [h for _, h, _ in SCORE_COLUMNS] + [h for _, _, h in REGION_COLUMNS]
-    cells = [
-        [row["label"]]
-        + [_number(row["scores"][k], d) for k, _, d in SCORE_COLUMNS]
-        + [
-            _number(row["regions"][f"{kind}/{stat}"], 1, signed="abs" not in stat)
-            for kind, stat, _ in REGION_COLUMNS
-        ]
-        for row in rows
-    ]
+    cells = []
+    for row in rows:
+        region_cells = []
+        for group, stat, _ in REGION_COLUMNS:
+            key = f"{group}/{stat}"
+            digits = 2 if stat == "crc" else 1
+            signed = stat == "mean_error_pct" or stat == "max_error_pct"
+            ci = row["ci95"].get(key) if key in WITH_CI else None
+            region_cells.append(_number(row["regions"][key], digits, signed, ci))
+        cells.append(
+            [row["label"]]
+            + [_number(row["scores"][k], d) for k, _, d in SCORE_COLUMNS]
+            + region_cells
+        )
     lines = [
         f"#### PET-only vs MR-guided DeepSR, {scale}× (test patients)",
         "",
@@ -122,94 +197,155 @@ def comparison_markdown(rows: list[dict], scale: int, figure: str | None = None)
         "",
         "Scores: mean over test slices. Regional: error of the region's mean / maximum activity "
         "against the original, % of the true value, averaged over "
-        f"{counts.get('grey_matter', 0)} grey-matter and {counts.get('lesion', 0)} lesion "
-        "regions (signed: bias; |·|: size). The T1 has no lesions: an MR-guided model that "
-        "erased or invented uptake shows here, not in PSNR.",
+        f"{counts.get('grey_matter', 0)} grey-matter regions and {counts.get('lesion', 0)} "
+        f"lesions ({counts.get('lesion_below_gm', 0)} with uptake below grey matter's, "
+        f"{counts.get('lesion_cold', 0)} cold); signed: bias, |·|: size, in brackets the 95 % "
+        "CI of the mean. CRC: the lesion-to-surroundings contrast recovered (1 = true, 0 = "
+        "flattened). The T1 has no lesions: an MR-guided model that erased or invented uptake "
+        "shows here, not in PSNR.",
     ]
+    if paired:
+        lines += [
+            "",
+            "Lesion by lesion, MR-guided |mean err| − PET-only |mean err| (% points; negative: "
+            "the MR-guided run is closer to the truth):",
+            "",
+            *report.markdown_table(
+                ["run", "lesions", "n", "mean difference (95 % CI)"],
+                [
+                    [
+                        p["label"],
+                        p["group"],
+                        str(p["count"]),
+                        _number(p["mean_difference"], 1, True, p["ci95"]),
+                    ]  # fmt: skip
+                    for p in paired
+                ],
+            ),
+        ]
     if figure:
-        lines += ["", f"![PET-only | MR-guided | original | T1]({figure})"]
+        lines += ["", f"![bicubic | PET-only | MR-guided | original | T1, lesion crops]({figure})"]
     return "\n".join(lines) + "\n"
 
 
 def add_regional(run: dict, resolver, root: Path) -> None:
     """A run's regional recovery: from its results.json, or measured now for a run finished
-    before training recorded it (same function, same test patients)."""
-    if "regional" in run["results"]:
+    before training recorded it, or recorded before lesion CRCs (same function, same test
+    patients)."""
+    recorded = run["results"].get("regional")
+    lesions = ((recorded or {}).get("summary") or {}).get("lesion")
+    if "regional" in run["results"] and (lesions is None or "crc" in lesions.get("sr", {})):
         return
-    from petsr_jax.evaluation import regional
-
     recovery = regional.recovery_of_run(resolver, root, run["split"]["test"])
     run["results"]["regional"] = recovery if recovery["rows"] else None
 
 
-def lesion_slices(root, patients, count: int = 4) -> list[tuple[str, int]]:
-    """(patient, slice) of up to `count` patients: each one's slice with the largest lesion
-    area (patients without lesion labels are skipped)."""
-    picks = []
+def lesion_picks(root, patients, count: int = 6) -> list[tuple[str, int, int]]:
+    """(patient, slice, lesion label) of up to `count` lesions of the test patients, each on its
+    largest cross-section: those with uptake below grey matter's first (where an MR-guided
+    network is tempted to fill in the anatomy's uptake), then the largest."""
+    candidates = []
     paths = data.list_patients(root)
     for pid in sorted(patients):
         scan = data.load_patient(root, pid, paths[pid])
         if scan.lesions is None or not np.any(scan.lesions > 0):
             continue
-        area = (scan.lesions > 0).reshape(scan.lesions.shape[0], -1).sum(axis=1)
-        picks.append((pid, int(np.argmax(area))))
-        if len(picks) == count:
-            break
-    return picks
+        truth = scan.volume.data
+        grey = None if scan.labels is None else scan.labels == regional.GREY_MATTER_LABEL
+        grey_mean = truth[grey].mean() if grey is not None and grey.any() else None
+        for label in np.unique(scan.lesions[scan.lesions > 0]):
+            inside = scan.lesions == label
+            area = inside.reshape(inside.shape[0], -1).sum(axis=1)
+            below = grey_mean is not None and truth[inside].mean() < grey_mean
+            candidates.append((not below, -int(area.max()), pid, int(np.argmax(area)), int(label)))
+    return [(pid, z, label) for _, _, pid, z, label in sorted(candidates)[:count]]
 
 
-def figure_panels(pet_only, mr_guided, root, picks) -> dict[str, list]:
-    """PET-only and MR-guided reconstructions (degraded ×scale, recovered) of the picked slices,
-    the original, the T1 and the lesion labels; PET panels normalised by each volume's maximum."""
-    panels: dict[str, list] = {k: [] for k in ("pet_only", "mr_guided", "original", "t1", "lesion")}
+def _crop_box(mask: np.ndarray, margin: float = 2.5, least: int = 12):
+    """A square window around a lesion's cross-section: `margin` × its radius each side."""
+    rows, cols = np.nonzero(mask)
+    centre = (int(round(rows.mean())), int(round(cols.mean())))
+    radius = np.sqrt(mask.sum() / np.pi)
+    half = max(least, int(np.ceil(margin * radius)))
+    return tuple(
+        slice(max(c - half, 0), min(c + half, size))
+        for c, size in zip(centre, mask.shape, strict=True)
+    )
+
+
+def figure_panels(pet_only, mr_guided: list, root, picks) -> dict[str, list]:
+    """Lesion crops of the picked slices: the bicubic input, the PET-only and each MR-guided
+    reconstruction (degraded ×scale, recovered), the original, the T1 and the lesion outline;
+    PET panels normalised by each volume's maximum."""
+    panels: dict[str, list] = {k: [] for k in ("bicubic", "pet_only", "original", "t1", "lesion")}
+    panels["mr_guided"] = [[] for _ in mr_guided]
     paths = data.list_patients(root)
-    for pid, z in picks:
+    for pid, z, label in picks:
         scan = data.load_patient(root, pid, paths[pid])
         hr, _ = data.normalise(scan.volume.data)
-        guide = mr_guided.guide_for(scan.t1, scan.volume.data)
-        _, pet_sr = pet_only.reconstruct_normalised(hr[z : z + 1])
-        _, mr_sr = mr_guided.reconstruct_normalised(hr[z : z + 1], guide=guide[z : z + 1])
-        panels["pet_only"].append(pet_sr[0])
-        panels["mr_guided"].append(mr_sr[0])
-        panels["original"].append(hr[z])
-        panels["t1"].append(guide[z, ..., 0])
-        panels["lesion"].append(scan.lesions[z] > 0)
+        box = _crop_box(scan.lesions[z] == label)
+        bicubic, pet_sr = pet_only.reconstruct_normalised(hr[z : z + 1])
+        panels["bicubic"].append(bicubic[0][box])
+        panels["pet_only"].append(pet_sr[0][box])
+        guide = mr_guided[0].guide_for(scan.t1, scan.volume.data)
+        for k, resolver in enumerate(mr_guided):
+            _, mr_sr = resolver.reconstruct_normalised(hr[z : z + 1], guide=guide[z : z + 1])
+            panels["mr_guided"][k].append(mr_sr[0][box])
+        panels["original"].append(hr[z][box])
+        panels["t1"].append(guide[z, ..., 0][box])
+        panels["lesion"].append((scan.lesions[z] == label)[box])
     return panels
 
 
-def comparison_figure(path: Path, panels: dict, labels: list[str]) -> None:
-    """PET-only | MR-guided | original | T1, one row per slice, lesions outlined in red."""
+def comparison_figure(path: Path, panels: dict, labels: list[str], mr_titles: list[str]):
+    """bicubic | PET-only | each MR-guided | original | T1, one lesion per row, outlined."""
     columns = [
+        report.GridColumn("bicubic (input)", panels["bicubic"]),
         report.GridColumn("PET-only DeepSR", panels["pet_only"]),
-        report.GridColumn("MR-guided DeepSR", panels["mr_guided"]),
+        *(
+            report.GridColumn(title, images)
+            for title, images in zip(mr_titles, panels["mr_guided"], strict=True)
+        ),
         report.GridColumn("original", panels["original"]),
         report.GridColumn("T1 (input channel)", panels["t1"], "mr"),
     ]
-    report.image_grid(path, columns, labels, outlines=panels["lesion"])
+    reference = len(columns) - 2
+    report.image_grid(path, columns, labels, reference=reference, outlines=panels["lesion"])
 
 
-def compare_workdirs(pet_only_dir, mr_guided_dir, out_dir, *, stem: str = "mr_comparison") -> str:
-    """`<stem>.md`, `.json` and `.png` of a PET-only and an MR-guided run into `out_dir`;
-    returns the markdown."""
+def compare_workdirs(pet_only_dir, mr_guided_dirs, out_dir, *, stem: str = "mr_comparison") -> str:
+    """`<stem>.md`, `.json` and `.png` of a PET-only and one or more MR-guided runs
+    (`mr_guided_dirs`, a workdir or a list) into `out_dir`; returns the markdown."""
     from petsr_jax import inference
 
-    pet_only, mr_guided = read_run(pet_only_dir), read_run(mr_guided_dir)
-    check_comparable(pet_only, mr_guided)
-    resolvers = inference.load(pet_only_dir), inference.load(mr_guided_dir)
-    root = Path(layout.read_data_info(mr_guided_dir)["root"])
-    for run, resolver in zip((pet_only, mr_guided), resolvers, strict=True):
+    if isinstance(mr_guided_dirs, (str, Path)):
+        mr_guided_dirs = [mr_guided_dirs]
+    if not mr_guided_dirs:
+        raise ComparisonError("no MR-guided run to compare")
+    pet_only = read_run(pet_only_dir)
+    mr_guided = [read_run(d) for d in mr_guided_dirs]
+    for run in mr_guided:
+        check_comparable(pet_only, run)
+    pet_resolver = inference.load(pet_only_dir)
+    mr_resolvers = [inference.load(d) for d in mr_guided_dirs]
+    root = Path(layout.read_data_info(mr_guided_dirs[0])["root"])
+    for run, resolver in zip([pet_only, *mr_guided], [pet_resolver, *mr_resolvers], strict=True):
         add_regional(run, resolver, root)
     rows = comparison_rows(pet_only, mr_guided)
+    paired = paired_differences(pet_only, mr_guided)
     scale = int(pet_only["results"]["scale"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    picks = lesion_slices(root, mr_guided["split"]["test"])
+    picks = lesion_picks(root, mr_guided[0]["split"]["test"])
     figure, figure_name = None, f"{stem}.png"
     if picks:
-        panels = figure_panels(*resolvers, root, picks)
-        comparison_figure(out_dir / figure_name, panels, [f"{p} z={z}" for p, z in picks])
+        panels = figure_panels(pet_resolver, mr_resolvers, root, picks)
+        labels = [f"{p} z={z} lesion {k}" for p, z, k in picks]
+        titles = [run_label(run["config"]) for run in mr_guided]
+        comparison_figure(out_dir / figure_name, panels, labels, titles)
         figure = figure_name
-    markdown = comparison_markdown(rows, scale, figure)
-    files.write_json_atomic(out_dir / f"{stem}.json", {"scale": scale, "rows": rows})
+    markdown = comparison_markdown(rows, scale, figure, paired)
+    record = {"scale": scale, "rows": rows, "paired_lesion_differences": paired}
+    files.write_json_atomic(out_dir / f"{stem}.json", record)
     files.write_atomic(out_dir / f"{stem}.md", markdown.encode())
     return markdown

@@ -110,6 +110,24 @@ def holds_run(workdir) -> bool:
     return has_state or (workdir / layout.RESULTS).exists()
 
 
+def check_same_data(workdir, root) -> None:
+    """Refuse a workdir whose run was trained on another data root than `root`.
+
+    The default cohort's folder names its generator version, so after an upgrade that changes
+    the cohort the same config reads other data: resuming would mix two datasets, and a
+    finished run would answer with results of the old one.
+    """
+    info = layout.read_data_info(workdir)
+    if not holds_run(workdir) or not info or not info.get("root"):
+        return
+    if Path(info["root"]).resolve() != Path(root).resolve():
+        raise WorkdirError(
+            f"{workdir} holds a run trained on {info['root']}; this config reads {root} (a newer "
+            "cohort version, or another data root). Give another --workdir, or "
+            f"--config.data.root={info['root']} to continue on the data it was trained on."
+        )
+
+
 def check_same_run(
     workdir, config, *, remedy: str = "Give another --workdir for this config"
 ) -> None:

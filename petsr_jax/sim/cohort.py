@@ -47,7 +47,7 @@ from petsr_jax.sim.tissues import LABELS
 # Recorded in cohort.json and part of every DICOM UID's seed: the name the data were first
 # published under, kept so that the same preset and seed keep giving the same files.
 GENERATOR = "petsr_jax.cohort"
-VERSION = "2"
+VERSION = "3"  # 3: the small preset draws 16–20 lesions per patient
 
 DEFAULT_ROOT_ENV = "PETSR_DATA_DIR"
 

@@ -71,6 +71,7 @@ def train_and_evaluate(config, workdir: str | os.PathLike, *, progress: bool = T
         # another config must not resume, or be answered by, this workdir's run.
         identity.check_same_run(workdir, config)
         run = prepare_data(config)
+        identity.check_same_data(workdir, run.root)
         done = finished_results(config, workdir, run.total_steps)
         if done is not None:
             log.info("%s is finished (step %d); not training again", workdir, run.total_steps)

@@ -176,40 +176,20 @@ def regional_recovery(models: dict, records: dict, configs: dict, scale: int) ->
 
 
 def regional_markdown(scale: int, recovery: dict) -> str:
-    """Regional recovery as markdown: mean signed % error of each region's mean and maximum."""
+    """Regional recovery as markdown: activity errors and lesion CRC of bicubic and each model
+    (`regional.recovery_table`)."""
     first = next(iter(recovery.values()))
     if not first["rows"]:
         return f"#### Regional recovery, {scale}×\n\nNo test patient has tissue or lesion maps.\n"
+    columns = [("Input LR (bicubic)", first["summary"], "bicubic")] + [
+        (MODEL_SHORT[name], recovery[name]["summary"], "sr") for name in recovery
+    ]
     lines = [
         f"#### Regional recovery, {scale}× (test patients, {first['units']})",
         "",
-        "| region | n | image | mean error % | |mean error| % | max error % | |max error| % |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    images = [("bicubic", "Input LR (bicubic)", "srcnn")] + [
-        ("sr", MODEL_SHORT[name], name) for name in recovery
-    ]
-    for kind, entry in sorted(first["summary"].items()):
-        for image, label, run in images:
-            stats = recovery[run]["summary"][kind][image]
-            cells = [
-                "n/a"
-                if stats[k] is None
-                else f"{stats[k]:+.1f}"
-                if "abs" not in k
-                else f"{stats[k]:.1f}"
-                for k in (
-                    "mean_error_pct",
-                    "abs_mean_error_pct",
-                    "max_error_pct",
-                    "abs_max_error_pct",
-                )
-            ]
-            lines.append(f"| {kind} | {entry['count']} | {label} | " + " | ".join(cells) + " |")
-    lines += [
+        *regional.recovery_table(columns),
         "",
-        "Error of the regional mean and maximum against the original, as % of the true value, "
-        "averaged over regions; a smoothed small lesion loses its maximum first.",
+        regional.REGIONAL_NOTE,
     ]
     return "\n".join(lines) + "\n"
 
