@@ -292,3 +292,9 @@ def test_confidence_interval_against_scipy():
     assert mean == pytest.approx(np.mean(values))
     assert ci == pytest.approx([low, high])
     assert regional.mean_and_ci([5.0]) == (5.0, None) and regional.mean_and_ci([]) == (None, None)
+
+
+def test_no_crc_for_a_lesion_the_reference_shows_without_contrast():
+    assert regional.contrast_recovery(1.5, 1.0 + regional.MIN_CONTRAST / 2) is None
+    assert regional.contrast_recovery(1.5, 2.0) == pytest.approx(0.5)
+    assert regional.contrast_recovery(None, 2.0) is None

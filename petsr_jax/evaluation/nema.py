@@ -71,28 +71,30 @@ LUNG_DIAMETER_MM = 51.0
 # 42:328-354 (2015), Table 6; EARL2: Kaalep et al., "Feasibility of state of the art PET/CT
 # systems performance harmonisation", Eur J Nucl Med Mol Imaging 45:1344-1361 (2018). RCs are
 # against the calibrated true sphere activity; a fitted plateau only stands in for it.
-EARL_BANDS = {
-    "EARL1": {
-        "rc_a50": (
-            (0.76, 0.72, 0.63, 0.57, 0.44, 0.27),
-            (0.89, 0.85, 0.78, 0.73, 0.60, 0.43),
-        ),
-        "rc_max": (
-            (0.95, 0.91, 0.83, 0.73, 0.59, 0.34),
-            (1.16, 1.13, 1.09, 1.01, 0.85, 0.57),
-        ),
-    },
-    "EARL2": {
-        "rc_a50": (
-            (0.85, 0.82, 0.80, 0.76, 0.63, 0.39),
-            (1.00, 0.97, 0.99, 0.97, 0.86, 0.61),
-        ),
-        "rc_max": (
-            (1.05, 1.01, 1.01, 1.00, 0.85, 0.52),
-            (1.29, 1.26, 1.32, 1.38, 1.22, 0.88),
-        ),
-    },
-}
+_EARL_TABLE = """
+program statistic bound  37 mm 28 mm 22 mm 17 mm 13 mm 10 mm
+EARL1   rc_a50    low    0.76  0.72  0.63  0.57  0.44  0.27
+EARL1   rc_a50    high   0.89  0.85  0.78  0.73  0.60  0.43
+EARL1   rc_max    low    0.95  0.91  0.83  0.73  0.59  0.34
+EARL1   rc_max    high   1.16  1.13  1.09  1.01  0.85  0.57
+EARL2   rc_a50    low    0.85  0.82  0.80  0.76  0.63  0.39
+EARL2   rc_a50    high   1.00  0.97  0.99  0.97  0.86  0.61
+EARL2   rc_max    low    1.05  1.01  1.01  1.00  0.85  0.52
+EARL2   rc_max    high   1.29  1.26  1.32  1.38  1.22  0.88
+"""
+
+
+def _earl_bands(table: str) -> dict[str, dict[str, tuple[tuple[float, ...], tuple[float, ...]]]]:
+    """`{program: {statistic: (low per sphere, high per sphere)}}` from the table above."""
+    bands: dict = {}
+    for line in table.strip().splitlines()[1:]:
+        program, statistic, bound, *values = line.split()
+        pair = bands.setdefault(program, {}).setdefault(statistic, [None, None])
+        pair[0 if bound == "low" else 1] = tuple(float(v) for v in values)
+    return {p: {k: tuple(v) for k, v in stats.items()} for p, stats in bands.items()}
+
+
+EARL_BANDS = _earl_bands(_EARL_TABLE)
 
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 # Smoothing of the copy used to find things (never of the voxels that are measured).

@@ -34,6 +34,8 @@ LESION_GROUPS = (
     ("lesion_above_gm", "gm_relation", "above"),
     ("lesion_below_gm", "gm_relation", "below"),
 )
+# A lesion's CRC needs a true contrast at least this far from 1 (`contrast_recovery`).
+MIN_CONTRAST = 0.1
 # Per-image statistics a summary averages; the first four are % of the true value.
 STATISTICS = ("mean_error_pct", "max_error_pct", "crc")
 
@@ -75,9 +77,11 @@ def contrast_recovery(contrast: float | None, true_contrast: float | None) -> fl
 
     Hot, (L/B − 1) / (L_true/B_true − 1); cold, (1 − L/B) / (1 − L_true/B_true): one formula,
     1 when the contrast is recovered, 0 when the lesion is flattened into its surroundings,
-    negative when it flips, above 1 when overshot. None without a contrast to recover.
+    negative when it flips, above 1 when overshot. None without a contrast to recover: a lesion
+    whose true contrast is within `MIN_CONTRAST` of 1 (a few-voxel lesion the reference scan
+    itself has blurred into its surroundings) would divide noise by almost nothing.
     """
-    if contrast is None or true_contrast is None or abs(true_contrast - 1.0) < 1e-6:
+    if contrast is None or true_contrast is None or abs(true_contrast - 1.0) < MIN_CONTRAST:
         return None
     return (contrast - 1.0) / (true_contrast - 1.0)
 

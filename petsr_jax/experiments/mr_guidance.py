@@ -229,13 +229,9 @@ def comparison_markdown(
 
 
 def add_regional(run: dict, resolver, root: Path) -> None:
-    """A run's regional recovery: from its results.json, or measured now for a run finished
-    before training recorded it, or recorded before lesion CRCs (same function, same test
-    patients)."""
-    recorded = run["results"].get("regional")
-    lesions = ((recorded or {}).get("summary") or {}).get("lesion")
-    if "regional" in run["results"] and (lesions is None or "crc" in lesions.get("sr", {})):
-        return
+    """A run's regional recovery, measured now by this code on its test patients (the same
+    function training records): every run of a comparison is measured alike, whenever and by
+    whichever version it was trained."""
     recovery = regional.recovery_of_run(resolver, root, run["split"]["test"])
     run["results"]["regional"] = recovery if recovery["rows"] else None
 

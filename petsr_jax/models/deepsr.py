@@ -7,21 +7,16 @@ multiplies each residual block's branch before it is added (EDSR's 0.1 for very 
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from petsr_jax.models.layers import ConvModule, convolve
+from petsr_jax.models.layers import ConvNetwork, convolve
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(ConvNetwork):
     """conv 3×3 → ReLU → conv 3×3, with a skip around it (EDSR-style, no normalisation)."""
 
-    width: int
-    dtype: Any = jnp.float32
-    conv: ConvModule = nn.Conv
-    initialization: str = "torch"
+    width: int = 64
     residual_scale: float = 1.0
 
     @nn.compact
@@ -33,7 +28,7 @@ class ResidualBlock(nn.Module):
         return h + branch
 
 
-class DeepSR(nn.Module):
+class DeepSR(ConvNetwork):
     """conv 3×3/width, `num_blocks` residual blocks, conv 3×3/out.
 
     `global_skip` picks where the long skip sits:
@@ -51,9 +46,6 @@ class DeepSR(nn.Module):
     out_channels: int = 1
     global_skip: str = "feature"
     remat: bool = False
-    dtype: Any = jnp.float32
-    conv: ConvModule = nn.Conv
-    initialization: str = "torch"
     residual_scale: float = 1.0
 
     @nn.compact
@@ -67,7 +59,7 @@ class DeepSR(nn.Module):
         h = h0
         for i in range(self.num_blocks):
             h = block(
-                self.width,
+                width=self.width,
                 dtype=self.dtype,
                 conv=self.conv,
                 initialization=self.initialization,

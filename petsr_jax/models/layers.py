@@ -21,6 +21,7 @@ and the chosen initialisation. Which class computes it (flax's, or a CPU kernel 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -74,3 +75,13 @@ def convolve(owner: nn.Module, x, features: int, size: int, name: str):
         name=name,
     )
     return layer(x)
+
+
+class ConvNetwork(nn.Module):
+    """What every network and block shares with `convolve`: the compute dtype (parameters stay
+    float32; bfloat16 on GPUs), the convolution module class (`flax.linen.Conv` or one with its
+    signature) and the initialisation (`initializers`)."""
+
+    dtype: Any = jnp.float32
+    conv: ConvModule = nn.Conv
+    initialization: str = "torch"

@@ -6,15 +6,13 @@ the same size, so one network serves every scale.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-from petsr_jax.models.layers import ConvModule, convolve
+from petsr_jax.models.layers import ConvNetwork, convolve
 
 
-class SRCNN(nn.Module):
+class SRCNN(ConvNetwork):
     """Multi-scale SRCNN: 9×9/64 → ReLU → 1×1/32 → ReLU → 5×5/out.
 
     "SAME" padding equals the paper's paddings 4 / 0 / 2, which preserve the input size.
@@ -24,9 +22,6 @@ class SRCNN(nn.Module):
 
     features: tuple[int, int] = (64, 32)
     out_channels: int = 1
-    dtype: Any = jnp.float32
-    conv: ConvModule = nn.Conv
-    initialization: str = "torch"
 
     @nn.compact
     def __call__(self, lr_up):
