@@ -1,9 +1,9 @@
 """Hot and cold spherical lesions inside the brain: drawn per patient, inserted, labelled.
 
 Lesions are what a super-resolution network must not smooth away or invent, so each patient
-gets `min_lesions`..`max_lesions` of them with varied size (3–14 mm radius) and contrast, hot
-(1.6–3.5×) or cold (0.15–0.6×) against their surroundings, placed deep enough that the whole
-sphere is brain.
+gets between `CohortSpec.lesions` (fewest, most) of them, of varied size (3–14 mm radius) and
+contrast, hot (1.6–3.5×) or cold (0.15–0.6×) against their surroundings, placed deep enough that
+the whole sphere is brain.
 Their contrast is defined against the activity around them before insertion, so the recorded
 `contrast` is exactly what the true activity map holds and recovery can be measured against it.
 """
@@ -32,10 +32,10 @@ class Lesion:
 def draw_lesions(
     rng: np.random.Generator, spec: CohortSpec, pose: Pose, atlas: Atlas
 ) -> list[Lesion]:
-    """`spec.min_lesions`..`spec.max_lesions` lesions at random brain sites (fewer where too few
+    """Between `spec.lesions` (fewest, most) lesions at random brain sites (fewer where too few
     sites fit)."""
-    low = min(spec.min_lesions, spec.max_lesions)
-    count = int(rng.integers(low, spec.max_lesions + 1)) if spec.max_lesions > 0 else 0
+    fewest, most = spec.lesions
+    count = int(rng.integers(min(fewest, most), most + 1)) if most > 0 else 0
     lesions: list[Lesion] = []
     for _ in range(50 * count):
         if len(lesions) == count:

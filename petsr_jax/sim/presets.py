@@ -69,8 +69,8 @@ class CohortSpec:
       recon_psf_fwhm_mm: resolution model inside OSEM.
       counts_per_slice: (low, high) expected true counts of a 2.78 mm slice; each patient draws
         a level log-uniformly (scaled with slice thickness).
-      min_lesions, max_lesions: each patient gets min_lesions..max_lesions lesions (fewer where
-        the brain has no room; max_lesions 0 gives none).
+      lesions: (fewest, most) lesions per patient, each patient's count drawn between them
+        (fewer where the brain has no room; most = 0 gives none).
       axial_psf_modelled: the scanner's reconstruction models the PSF in 3D (axially too). The
         simulation reconstructs slice by slice, so it then blurs the data across slices only by
         the part of the PSF the model leaves, sqrt(scanner² − model²); False blurs by the whole
@@ -91,8 +91,7 @@ class CohortSpec:
     scanner_psf_fwhm_mm: float = 4.5
     recon_psf_fwhm_mm: float = 4.0
     counts_per_slice: tuple[float, float] = (0.6e6, 5.0e6)
-    min_lesions: int = 1
-    max_lesions: int = 4
+    lesions: tuple[int, int] = (1, 4)
     axial_psf_modelled: bool = False
     tof_gain: float = 1.0
 
@@ -154,17 +153,9 @@ PRESETS: dict[str, CohortSpec] = {
     # A CPU-sized cohort with enough patients for a train / val / test split, and lesions
     # enough to measure on: 16–20 per patient (34 in the quick 8/2/2 split's two test patients,
     # about 3.5 % of the brain), so lesion recovery is decided on dozens of lesions and PET-only
-    # structure is common in training, not a rarity a network may ignore.
-    "small": CohortSpec(
-        n_patients=12,
-        n_slices=40,
-        size=128,
-        recon_size=128,
-        n_angles=96,
-        n_subsets=16,
-        min_lesions=16,
-        max_lesions=20,
-    ),
+    # structure is common in training, not a rarity a network may ignore. 12 patients × 40
+    # slices × 128².
+    "small": CohortSpec(12, 40, 128, recon_size=128, n_angles=96, n_subsets=16, lesions=(16, 20)),
     # Unit tests: a whole head in a few seconds.
     "tiny": CohortSpec(n_patients=4, n_slices=12, size=64, recon_size=64, n_angles=48, n_subsets=8),
 }
