@@ -12,8 +12,6 @@ command skips finished runs and resumes interrupted ones. The logic lives in
 `petsr_jax.experiments.ablation` (usable from a notebook).
 """
 
-import sys
-
 from petsr_jax import cpu
 
 cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags for training (no-op on GPUs)
@@ -22,9 +20,8 @@ import jax  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import cli, data, distributed, io  # noqa: E402
+from petsr_jax import cli, distributed  # noqa: E402
 from petsr_jax.experiments import ablation  # noqa: E402
-from petsr_jax.run import checkpoint, layout  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -49,16 +46,8 @@ def main(argv):
     del argv
     config = _CONFIG.value
     distributed.initialize(config)
-    try:
+    with cli.reporting("ablate.py", ablation.AblationError):
         table = ablation.run_sweep(config, _SWEEP.value, _VALUES.value, _RUNS.value, _OUT.value)
-    except (
-        ablation.AblationError,
-        data.DataError,
-        io.ScanError,
-        checkpoint.CheckpointError,
-        layout.WorkdirError,  # a run's folder held by another training, or not a run's
-    ) as e:
-        sys.exit(f"launch/ablate.py: {e}")  # the reason alone, without the flags' help
     if jax.process_index() == 0:
         print(ablation.table_markdown(table))
 

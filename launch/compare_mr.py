@@ -19,13 +19,11 @@ from petsr_jax import cpu
 
 cpu.configure(relaunch=True)  # first: tcmalloc and XLA CPU flags (no-op on GPUs)
 
-import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from petsr_jax import cli, data, inference  # noqa: E402
+from petsr_jax import cli  # noqa: E402
 from petsr_jax.experiments import mr_guidance  # noqa: E402
-from petsr_jax.run import checkpoint  # noqa: E402
 
 _PET_ONLY = flags.DEFINE_string("pet_only", None, "Workdir of the PET-only run.")
 _MR = flags.DEFINE_list("mr", None, "Workdirs of MR-guided runs (config flag mr), comma-separated.")
@@ -35,16 +33,8 @@ _OUT = flags.DEFINE_string("out", "reports/mr", "Folder for the table, JSON and 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
+    with cli.reporting("compare_mr.py", mr_guidance.ComparisonError):
         print(mr_guidance.compare_workdirs(_PET_ONLY.value, _MR.value, _OUT.value))
-    except (
-        mr_guidance.ComparisonError,
-        inference.InferenceError,
-        data.DataError,
-        checkpoint.CheckpointError,
-    ) as error:
-        print(f"compare_mr.py: error: {error}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -21,7 +21,7 @@ import sys  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from petsr_jax import cli, deconvolution, io  # noqa: E402
+from petsr_jax import cli, deconvolution  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder or NIfTI file.")
 _OUTPUT = flags.DEFINE_string(
@@ -38,7 +38,7 @@ def main(argv):
     if len(argv) > 1:
         print(f"deconvolve.py: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    try:
+    with cli.reporting("deconvolve.py", deconvolution.DeconvolutionError):
         print(
             deconvolution.deconvolve_scan(
                 _INPUT.value,
@@ -48,9 +48,6 @@ def main(argv):
                 psf_fwhm_axial_mm=_PSF_FWHM_AXIAL_MM.value,
             )
         )
-    except (deconvolution.DeconvolutionError, io.ScanError) as error:
-        print(f"deconvolve.py: error: {error}", file=sys.stderr)
-        return 2
     return 0
 
 

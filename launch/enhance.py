@@ -41,7 +41,6 @@ from absl import app, flags, logging  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from petsr_jax import cli, data, inference, io, metrics, quantitation  # noqa: E402
-from petsr_jax.run import checkpoint  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string(
     "workdir",
@@ -339,7 +338,7 @@ def run(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
+    with cli.reporting("enhance.py", OSError):
         return run(
             _WORKDIR.value,
             _INPUT.value,
@@ -353,15 +352,6 @@ def main(argv):
             resample=_RESAMPLE.value,
             psf_fwhm_mm=_PSF_FWHM_MM.value,
         )
-    except (
-        inference.InferenceError,
-        io.ScanError,
-        data.DataError,
-        checkpoint.CheckpointError,
-        OSError,
-    ) as error:
-        print(f"enhance.py: error: {error}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from petsr_jax import cli, data, distributed, io, train  # noqa: E402
-from petsr_jax.config import ConfigError  # noqa: E402
+from petsr_jax import cli, distributed, train  # noqa: E402
 from petsr_jax.evaluation import report  # noqa: E402
-from petsr_jax.run import checkpoint, identity, layout  # noqa: E402
+from petsr_jax.run import identity, layout  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -47,17 +46,6 @@ _WORKDIR = flags.DEFINE_string(
     None,
     "Run folder (default: runs/<model>_x<scale>[_<cohort>][_b<blocks>][_<domain>][_mr], plus "
     "-<hash> when that folder holds a run of another config).",
-)
-
-# Errors about the user's inputs: their messages say what to change, a traceback adds nothing.
-USER_ERRORS = (
-    ConfigError,
-    distributed.DistributedError,
-    data.DataError,
-    io.ScanError,
-    checkpoint.CheckpointError,
-    layout.WorkdirError,
-    OSError,
 )
 
 
@@ -85,10 +73,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        run(_CONFIG.value, _WORKDIR.value)
-    except USER_ERRORS as error:
-        print(f"main.py: error: {error}", file=sys.stderr)
-        return 2
+        with cli.reporting("main.py", OSError):
+            run(_CONFIG.value, _WORKDIR.value)
     except train.TrainingDiverged as error:
         print(f"main.py: training diverged: {error}", file=sys.stderr)
         return 3

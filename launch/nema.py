@@ -31,9 +31,8 @@ from pathlib import Path  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from petsr_jax import cli, data, inference, io  # noqa: E402
+from petsr_jax import cli  # noqa: E402
 from petsr_jax.evaluation import nema  # noqa: E402
-from petsr_jax.run import checkpoint  # noqa: E402
 
 _INPUT = flags.DEFINE_string("input", None, "DICOM series folder or NIfTI file of the phantom.")
 _OUT = flags.DEFINE_string("out", None, "New (or empty) folder for nema.json, nema.md, nema.png.")
@@ -64,7 +63,7 @@ def main(argv):
     if len(argv) > 1:
         print(f"nema.py: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         return 2
-    try:
+    with cli.reporting("nema.py", nema.NemaError):
         tables = nema.measure_scan(
             _INPUT.value,
             _OUT.value,
@@ -73,15 +72,6 @@ def main(argv):
             compare_path=_COMPARE.value,
             psf_fwhm_mm=_PSF_FWHM_MM.value,
         )
-    except (
-        nema.NemaError,
-        io.ScanError,
-        inference.InferenceError,
-        data.DataError,
-        checkpoint.CheckpointError,
-    ) as error:
-        print(f"nema.py: error: {error}", file=sys.stderr)
-        return 2
     print(tables, end="")
     print(f"wrote {', '.join(str(Path(_OUT.value) / name) for name in nema.FILES)}")
     return 0

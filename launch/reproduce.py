@@ -21,10 +21,9 @@ import sys  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from petsr_jax import cli, data, distributed, io  # noqa: E402
+from petsr_jax import cli, distributed  # noqa: E402
 from petsr_jax.config import build_config  # noqa: E402
 from petsr_jax.experiments import reproduce  # noqa: E402
-from petsr_jax.run import checkpoint, layout  # noqa: E402
 
 _QUICK = flags.DEFINE_bool("quick", False, "Each config's `quick` flag (2-core CPU, ~1 hour).")
 _SCALES = flags.DEFINE_list("scales", ["8", "12", "16"], "Downscaling factors.")
@@ -56,16 +55,8 @@ def main(argv):
         raise app.UsageError(f"--config_arg: {e}") from None
     # Before anything asks JAX for its devices: a multi-process run needs the runtime first.
     distributed.initialize(first)
-    try:
+    with cli.reporting("reproduce.py", reproduce.ReproduceError):
         summary = reproduce.reproduce(settings, command=shlex.join(["python"] + sys.argv))
-    except (
-        reproduce.ReproduceError,
-        data.DataError,
-        io.ScanError,
-        checkpoint.CheckpointError,
-        layout.WorkdirError,  # a run's folder held by another training, or not a run's
-    ) as e:
-        sys.exit(f"reproduce: {e}")
     for run in summary["runs"]:
         print(f"{run['model']} {run['scale']}x: {run['status']} ({run['workdir']})")
     print(f"Report: {settings.out_dir}/report.md")

@@ -13,6 +13,10 @@
 - `warning(message)`: the same `warning:` line, written between progress bars.
 - `variant_workdirs()`: the workdir each variant trains into by default and the command that
   trains it, so a message about a missing workdir can say how to make one.
+- `reporting(script, *errors)`: a script's work, where an error about the user's input (a
+  config, a scan, a folder, a run: `user_errors`) ends the script with one line,
+  `<script>: error: <message>`, and exit status 2 — the message says what to change; a
+  traceback adds nothing.
 
 The variants are read from the config files (`petsr_jax.config.variants`: their `VARIANTS`)
 with a line each from `petsr_jax.config.FLAG_HELP`, so the help never lists a variant the files
@@ -21,6 +25,7 @@ do not define.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -30,11 +35,42 @@ from collections.abc import Callable, Sequence
 
 from petsr_jax import config as config_lib
 
+# Exit status of a launch script stopped by its input (a usage error is 2 too).
+INPUT_ERROR = 2
 # The scale the variants' workdir names are shown at (the README's runs are 8×).
 _HELP_SCALE = 8
 # Help lines are wrapped to this many characters, as absl wraps the flags' help below them.
 _HELP_WIDTH = 96
 _HELP_FLAGS = {"--help", "-help", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull"}
+
+
+def user_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The errors that describe a user's input and say what to change: a bad config, scan,
+    data root, checkpoint or workdir, a distributed launch set up wrong, and `extra`."""
+    from petsr_jax import data, distributed, inference, io
+    from petsr_jax.run import checkpoint, layout
+
+    return (
+        config_lib.ConfigError,
+        distributed.DistributedError,
+        data.DataError,
+        io.ScanError,
+        inference.InferenceError,
+        checkpoint.CheckpointError,
+        layout.WorkdirError,
+        *extra,
+    )
+
+
+@contextlib.contextmanager
+def reporting(script: str, *extra: type[BaseException]):
+    """Run the `with` body; a `user_errors(*extra)` ends the script: one line on stderr,
+    `<script>: error: <message>`, and exit status `INPUT_ERROR`."""
+    try:
+        yield
+    except user_errors(*extra) as error:
+        print(f"{script}: error: {error}", file=sys.stderr)
+        raise SystemExit(INPUT_ERROR) from None
 
 
 def _training_command(model: str, arg: str) -> str:

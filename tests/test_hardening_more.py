@@ -319,7 +319,7 @@ def test_an_unwritable_activity_record_is_one_line_and_keeps_record_and_outputs_
         f"--input={patients}",
         f"--output={out}",
     )
-    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("enhance.py: error:")]
     assert len(error) == 1 and error[0].startswith(
