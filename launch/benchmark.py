@@ -67,27 +67,21 @@ def run() -> dict:
         return benchmark.benchmark_loader(
             _SIZE.value, _BATCH.value, crop=_CROP.value, workers=_WORKERS.value, **common
         )
-    net = dict(
+    net = benchmark.Network(
         model=_MODEL.value,
         blocks=_BLOCKS.value,
         size=_SIZE.value,
         batch=_BATCH.value,
+        precision=_PRECISION.value,
         conv=_CONV.value,
     )
     if mode == "train":
         return benchmark.benchmark_train(
-            **net,
-            precision=_PRECISION.value,
-            remat=_REMAT.value,
-            donate=_DONATE.value,
-            scale=_SCALE.value,
-            **common,
+            net, remat=_REMAT.value, donate=_DONATE.value, scale=_SCALE.value, **common
         )
     if mode == "infer":
-        return benchmark.benchmark_infer(**net, precision=_PRECISION.value, **common)
-    return benchmark.benchmark_volume(
-        **net, slices=_SLICES.value, precision=_PRECISION.value, scale=_SCALE.value, **common
-    )
+        return benchmark.benchmark_infer(net, **common)
+    return benchmark.benchmark_volume(net, slices=_SLICES.value, scale=_SCALE.value, **common)
 
 
 def main(argv):

@@ -11,6 +11,7 @@ them, so the two scripts' `gflops_per_s` compare directly. `conv` picks the conv
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import statistics
@@ -152,44 +153,48 @@ def _rates(result: dict, times, items: int, flops: float | None, device, dtype):
 # ---------------------------------------------------------------------------- model benchmarks
 
 
-def bench_config(
-    model: str,
-    blocks: int,
-    precision: str,
-    *,
-    remat: bool = False,
-    scale: int = 8,
-    conv: str = "auto",
-):
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """What a network benchmark runs: the paper's `model` ("srcnn" | "deepsr", `blocks` residual
+    blocks), in batches of `batch` random `size`² slices, at a `precision` ("fp32" | "bf16"),
+    with the convolution `conv` ("auto" | "flax" | "cpu" | "onednn", as `model.conv`)."""
+
+    model: str = "deepsr"
+    blocks: int = 20
+    size: int = 96
+    batch: int = 4
+    precision: str = "fp32"
+    conv: str = "auto"
+    seed: int = 0
+
+
+def bench_config(net: Network, *, remat: bool = False, scale: int = 8):
     """The project config for a benchmark run (the paper's networks at a given depth), with
     `model.conv` resolved to the convolution that will run ("flax", "cpu" or "onednn")."""
     from petsr_jax.config import build_config
     from petsr_jax.cpu import resolve_conv
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {precision!r}")
-    arg = f"scale={scale},compute_dtype={PRECISIONS[precision]},model.conv={resolve_conv(conv)}"
-    if model == "deepsr":
-        arg += f",model.num_blocks={blocks},model.remat={remat}"
-    return build_config(model, arg)
+    if net.precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {sorted(PRECISIONS)}, got {net.precision!r}")
+    arg = (
+        f"scale={scale},compute_dtype={PRECISIONS[net.precision]},"
+        f"model.conv={resolve_conv(net.conv)}"
+    )
+    if net.model == "deepsr":
+        arg += f",model.num_blocks={net.blocks},model.remat={remat}"
+    return build_config(net.model, arg)
 
 
 def benchmark_train(
-    model: str = "deepsr",
-    blocks: int = 20,
-    size: int = 96,
-    batch: int = 4,
+    net: Network,
     *,
-    precision: str = "fp32",
     steps: int = 5,
     warmup: int = 2,
     remat: bool = False,
     donate: bool = True,
     scale: int = 8,
-    conv: str = "auto",
-    seed: int = 0,
 ) -> dict:
-    """Images/s, GFLOP/s and memory of the project's train step on random `size`² slices.
+    """Images/s, GFLOP/s and memory of the project's train step on random slices.
 
     The step is `petsr_jax.train.make_train_step` (degrade inside, MSE, Adam), jitted as
     training jits it (`train.jit_train_step`: state donated) unless `donate=False`.
@@ -201,18 +206,18 @@ def benchmark_train(
     from petsr_jax.models import create_model
     from petsr_jax.task import Bicubic, Task
 
-    config = bench_config(model, blocks, precision, remat=remat, scale=scale, conv=conv)
-    net = create_model(config)
+    config = bench_config(net, remat=remat, scale=scale)
+    model = create_model(config)
     tx = train.make_optimizer(config)
-    state = train.init_state(config, net, tx)
-    step_fn = train.make_train_step(net, tx, Task(Bicubic(scale)))
+    state = train.init_state(config, model, tx)
+    step_fn = train.make_train_step(model, tx, Task(Bicubic(scale)))
     if donate:
         mesh = sharding.make_mesh()
         state = sharding.replicate(state, mesh)
         jitted = train.jit_train_step(step_fn, mesh)
     else:
         jitted = jax.jit(step_fn)
-    hr = np.random.default_rng(seed).random((batch, size, size, 1), np.float32)
+    hr = np.random.default_rng(net.seed).random((net.batch, net.size, net.size, 1), np.float32)
     batch_arrays = {"hr": jax.device_put(hr)}
     compiled = jitted.lower(state, batch_arrays).compile()
 
@@ -225,10 +230,12 @@ def benchmark_train(
     times = time_calls(one_step, steps, warmup)
     return _network_result(
         "train",
-        (model, blocks, size, batch, precision, config.model.conv, steps),
+        net,
+        config.model.conv,
         state.params,
         times,
-        images=batch,
+        steps=steps,
+        images=net.batch,
         passes=3,
         compiled=compiled,
         remat=remat,
@@ -238,27 +245,27 @@ def benchmark_train(
 
 
 def _network_result(
-    mode: str, what: tuple, params, times, *, images, passes=1, compiled=None, **extra
-):
+    mode: str, net: Network, conv: str, params, times, *, steps, images, passes=1, compiled=None,
+    **extra,
+):  # fmt: skip
     """A network benchmark's result, the same fields for every mode: the environment, what ran
-    (`what`: model, blocks, size, batch, precision, conv, steps; `extra`: the mode's own
-    settings), per-step rates of `images` and of their FLOPs (`passes` forward passes' worth
-    each: 3 for a train step, forward and backward), and peak memory, with XLA's fusions and
-    scratch where the `compiled` executable is given."""
+    (`net`, with `conv` the convolution it resolved to; `extra`: the mode's own settings),
+    per-step rates of `images` and of their FLOPs (`passes` forward passes' worth each: 3 for a
+    train step, forward and backward), and peak memory, with XLA's fusions and scratch where the
+    `compiled` executable is given."""
     import jax
 
     from petsr_jax.models import count_params
 
-    model, blocks, size, batch, precision, conv, steps = what
     device = jax.devices()[0]
     result = {
         **_environment(device),
-        "model": model,
-        "blocks": blocks if model == "deepsr" else None,
-        "size": size,
-        "batch": batch,
+        "model": net.model,
+        "blocks": net.blocks if net.model == "deepsr" else None,
+        "size": net.size,
+        "batch": net.batch,
         "mode": mode,
-        "precision": precision,
+        "precision": net.precision,
         "conv": conv,
         "steps": steps,
         **extra,
@@ -266,75 +273,51 @@ def _network_result(
     }
     if compiled is not None:
         result["ynn_fusions"] = ynn_fusions_in(compiled.as_text())
-    flops = passes * forward_flops_per_pixel(params) * size * size * images
-    _rates(result, times, images, flops, device, PRECISIONS[precision])
+    flops = passes * forward_flops_per_pixel(params) * net.size * net.size * images
+    _rates(result, times, images, flops, device, PRECISIONS[net.precision])
     result.update(peak_memory(device, compiled))
     return result
 
 
-def _model_and_params(model: str, blocks: int, precision: str, size: int, conv: str, seed: int):
+def _model_and_params(net: Network, scale: int = 8):
+    """(the convolution it resolved to, the network, initialised params) of a benchmark."""
     import jax
     import jax.numpy as jnp
 
     from petsr_jax.models import create_model
 
-    config = bench_config(model, blocks, precision, conv=conv)
-    net = create_model(config)
-    dummy = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
-    params = net.init(jax.random.PRNGKey(seed), dummy)["params"]
-    return config.model.conv, net, params
+    config = bench_config(net, scale=scale)
+    model = create_model(config)
+    dummy = jnp.zeros((1, net.size, net.size, config.model.in_channels), jnp.float32)
+    params = model.init(jax.random.PRNGKey(net.seed), dummy)["params"]
+    return config.model.conv, model, params
 
 
-def benchmark_infer(
-    model: str = "deepsr",
-    blocks: int = 20,
-    size: int = 384,
-    batch: int = 1,
-    *,
-    precision: str = "fp32",
-    steps: int = 5,
-    warmup: int = 1,
-    conv: str = "auto",
-    seed: int = 0,
-) -> dict:
+def benchmark_infer(net: Network, *, steps: int = 5, warmup: int = 1) -> dict:
     """Forward-pass images/s and GFLOP/s on a resident batch (torch_reference.py's infer)."""
     import jax
     import numpy as np
 
-    conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
-    forward = jax.jit(lambda p, x: net.apply({"params": p}, x))
-    x = jax.device_put(np.random.default_rng(seed).random((batch, size, size, 1), np.float32))
+    conv, model, params = _model_and_params(net)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    x = np.random.default_rng(net.seed).random((net.batch, net.size, net.size, 1), np.float32)
+    x = jax.device_put(x)
     compiled = forward.lower(params, x).compile()
     times = time_calls(lambda: compiled(params, x).block_until_ready(), steps, warmup)
     return _network_result(
-        "infer",
-        (model, blocks, size, batch, precision, conv, steps),
-        params,
-        times,
-        images=batch,
-        compiled=compiled,
+        "infer", net, conv, params, times, steps=steps, images=net.batch, compiled=compiled
     )
 
 
 def benchmark_volume(
-    model: str = "deepsr",
-    blocks: int = 20,
-    size: int = 384,
-    batch: int = 4,
-    *,
-    slices: int = 89,
-    precision: str = "fp32",
-    steps: int = 1,
-    warmup: int = 1,
-    scale: int = 8,
-    conv: str = "auto",
-    seed: int = 0,
+    net: Network, *, slices: int = 89, steps: int = 1, warmup: int = 1, scale: int = 8
 ) -> dict:
     """Slices/s of a whole `[slices, size, size]` volume, enhanced as users' scans are.
 
-    Times `evaluation.predict.predict_slices` (degrade, then the network, in batches of `batch`
-    slices) from host numpy to host numpy. A warm-up runs one batch, not whole volumes (a 384²
-    volume takes minutes on a CPU): every batch, the last one included, has the same shape.
+    Times `evaluation.predict.predict_slices` (degrade, then the network, in batches of
+    `net.batch` slices) from host numpy to host numpy. A warm-up runs one batch, not whole
+    volumes (a 384² volume takes minutes on a CPU): every batch, the last one included, has the
+    same shape.
     """
     import numpy as np
 
@@ -342,25 +325,20 @@ def benchmark_volume(
     from petsr_jax.evaluation import predict
     from petsr_jax.task import Bicubic, Task
 
-    conv, net, params = _model_and_params(model, blocks, precision, size, conv, seed)
+    conv, model, params = _model_and_params(net, scale)
     mesh = sharding.make_mesh()
 
-    def run(slices):
+    def run(stack):
         return predict.predict_slices(
-            params, slices, model=net, task=Task(Bicubic(scale)), mesh=mesh, batch_size=batch
+            params, stack, model=model, task=Task(Bicubic(scale)), mesh=mesh, batch_size=net.batch
         )
 
-    volume = np.random.default_rng(seed).random((slices, size, size), np.float32)
+    volume = np.random.default_rng(net.seed).random((slices, net.size, net.size), np.float32)
     for _ in range(warmup):
-        run(volume[: min(batch, slices)])
+        run(volume[: min(net.batch, slices)])
     times = time_calls(lambda: run(volume), steps, 0)
     result = _network_result(
-        "volume",
-        (model, blocks, size, batch, precision, conv, steps),
-        params,
-        times,
-        images=slices,
-        slices=slices,
+        "volume", net, conv, params, times, steps=steps, images=slices, slices=slices
     )
     result["seconds_per_volume"] = result["seconds_per_step"]
     result["slices_per_s"] = result["images_per_s"]

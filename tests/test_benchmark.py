@@ -43,7 +43,9 @@ TORCH_KEYS = {"model", "blocks", "size", "batch", "mode", "seconds_per_step", "i
 
 
 def test_train_benchmark_reports_torch_reference_keys_and_consistent_rates():
-    r = benchmark.benchmark_train("deepsr", 1, 16, 4, steps=2, warmup=1, conv="cpu")
+    r = benchmark.benchmark_train(
+        benchmark.Network("deepsr", 1, 16, 4, conv="cpu"), steps=2, warmup=1
+    )
     assert TORCH_KEYS | {"gflops_per_s", "params", "peak_memory_bytes"} <= set(r)
     assert r["images_per_s"] == pytest.approx(4 / r["seconds_per_step"])
     flops = 3 * 2 * 9 * (64 + 2 * 64 * 64 + 64) * 16 * 16 * 4
@@ -52,7 +54,7 @@ def test_train_benchmark_reports_torch_reference_keys_and_consistent_rates():
 
 
 def test_volume_benchmark_times_every_slice_of_the_volume():
-    r = benchmark.benchmark_volume("srcnn", size=16, batch=2, slices=5, warmup=1)
+    r = benchmark.benchmark_volume(benchmark.Network("srcnn", size=16, batch=2), slices=5, warmup=1)
     assert r["slices"] == 5 and r["conv"] == "flax"  # several devices here: flax's convolution
     assert r["slices_per_s"] == pytest.approx(5 / r["seconds_per_volume"])
 

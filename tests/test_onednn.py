@@ -101,7 +101,9 @@ def test_auto_picks_onednn_on_one_cpu_device_only():
 
 
 def test_benchmark_reports_the_onednn_path():
-    r = benchmark.benchmark_train("deepsr", 1, 16, 4, steps=2, warmup=1, conv="onednn")
+    r = benchmark.benchmark_train(
+        benchmark.Network("deepsr", 1, 16, 4, conv="onednn"), steps=2, warmup=1
+    )
     assert r["conv"] == "onednn" and r["images_per_s"] > 0
 
 
