@@ -212,14 +212,26 @@ ffi::Error Guarded(F&& body) {
   });
 }
 
+// What both directions start from: the shapes checked, then, on the oneDNN thread, the
+// problem's dimensions, its cached plan (with the backward primitives when asked) and a stream,
+// handed to `body(d, plan, stream)`.
+template <typename F>
+ffi::Error WithPlan(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, bool backward,
+                    F&& body) {
+  if (auto err = CheckShapes(x, w); err.failure()) return err;
+  return Guarded([&]() {
+    Key key = KeyOf(x, w);
+    Dims d = MakeDims(key);
+    auto plan = GetPlan(key, backward);
+    dnnl::stream stream(Engine());
+    return body(d, plan, stream);
+  });
+}
+
 ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y) {
-  if (auto err = CheckShapes(x.dimensions(), w.dimensions()); err.failure()) return err;
-  return Guarded([&]() {
-    Key key = KeyOf(x.dimensions(), w.dimensions());
-    Dims d = MakeDims(key);
-    auto plan = GetPlan(key, false);
-    dnnl::stream stream(Engine());
+  return WithPlan(x.dimensions(), w.dimensions(), false, [&](const Dims& d, auto& plan,
+                                                              dnnl::stream& stream) {
     dnnl::memory src(d.src, Engine(), x.typed_data());
     dnnl::memory hwio(d.weights_hwio, Engine(), w.typed_data());
     dnnl::memory bias(d.bias, Engine(), b.typed_data());
@@ -242,12 +254,8 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                         ffi::ResultBuffer<ffi::F32> db) {
-  if (auto err = CheckShapes(x.dimensions(), w.dimensions()); err.failure()) return err;
-  return Guarded([&]() {
-    Key key = KeyOf(x.dimensions(), w.dimensions());
-    Dims d = MakeDims(key);
-    auto plan = GetPlan(key, true);
-    dnnl::stream stream(Engine());
+  return WithPlan(x.dimensions(), w.dimensions(), true, [&](const Dims& d, auto& plan,
+                                                             dnnl::stream& stream) {
     dnnl::memory src(d.src, Engine(), x.typed_data());
     dnnl::memory diff_dst(d.dst, Engine(), dy.typed_data());
     dnnl::memory hwio(d.weights_hwio, Engine(), w.typed_data());
