@@ -359,3 +359,44 @@ def test_a_paper_domain_run_trains_scores_and_loads_in_its_domain(nifti_root, tm
         data.build_slice_set(nifti_root, ["pat-00"], eval_split=False).hr, np.float32
     )
     np.testing.assert_allclose(sr(volume * 1000.0), 1000.0 * sr(volume), rtol=1e-4, atol=1e-2)
+
+
+def _events(folder):
+    """Every event of the TFRecord files in `folder` (length, crc, payload, crc), oldest first."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(folder.iterdir()):
+        raw = path.read_bytes()
+        while raw:
+            (length,) = struct.unpack("<Q", raw[:8])
+            events.append(event_pb2.Event.FromString(raw[12 : 12 + length]))
+            raw = raw[12 + length + 4 :]
+    return events
+
+
+def test_a_resumed_writer_purges_the_events_logged_after_its_checkpoint(tmp_path):
+    """Killed after step 7 with a checkpoint at 5: the resumed writer drops 6–7 from
+    metrics.jsonl and opens its event file with TensorBoard's purge marker at step 6 (events of
+    steps ≥ 6 in earlier files are dropped; step 5's stay, the resumed run does not redo it)."""
+    import time
+
+    from petsr_jax.train.logging import MetricWriter
+
+    first = MetricWriter(tmp_path, 0)
+    for step in range(8):
+        first.write(step, {"train/loss": float(step)})
+    first.close()
+    time.sleep(1.1)  # event file names carry the second they were opened
+    resumed = MetricWriter(tmp_path, 5)
+    resumed.write(6, {"train/loss": 60.0})
+    resumed.close()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4, 5, 6]
+    assert lines[-1]["train/loss"] == 60.0  # step 6 logged again by the resumed run
+    events = _events(tmp_path / "tensorboard")
+    starts = [e for e in events if e.HasField("session_log")]
+    assert [(e.step, e.session_log.status) for e in starts] == [(6, 1)]  # SessionLog.START
+    assert events.index(starts[0]) > max(i for i, e in enumerate(events) if e.step == 7)

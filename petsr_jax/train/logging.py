@@ -3,10 +3,11 @@
 `TrainingLog` is what the loop talks to. Its `MetricWriter` writes scalars to TensorBoard event
 files and to `metrics.jsonl` (one JSON line a log step); a run resumed from a checkpoint logs
 again the steps it had logged after that checkpoint, so the writer first cuts `metrics.jsonl`
-back to the resumed step. Its `ThroughputMeter` measures images per second over training steps
-only. `TrainClock` carries the run's wall time across resumptions through `train_time.json`.
-Only the primary process writes; on the others the writers do nothing, so the loop calls them
-unconditionally.
+back to the resumed step, and its TensorBoard events start with a purge marker just after it
+(TensorBoard then drops the earlier files' events of later steps). Its `ThroughputMeter`
+measures images per second over training steps only. `TrainClock` carries the run's wall time
+across resumptions through `train_time.json`. Only the primary process writes; on the others the
+writers do nothing, so the loop calls them unconditionally.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             _drop_metrics_after(workdir, start_step)
-            self.tb = SummaryWriter(str(workdir / layout.TENSORBOARD))
+            self.tb = SummaryWriter(
+                str(workdir / layout.TENSORBOARD), purge_step=start_step + 1 if start_step else None
+            )
             self.jsonl = open(workdir / layout.METRICS, "a")
 
     def write(self, step: int, scalars: dict) -> None:
