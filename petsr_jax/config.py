@@ -70,7 +70,7 @@ FLAG_HELP = {
 # The `scanner` variant, the same for both networks: trained on what a scanner produces, for
 # enhancing real scans (petsr_jax.task). The input is the true activity of random shape phantoms
 # blurred by a 3D PSF of 3–6 mm FWHM with reconstruction noise, the target the same activity at
-# half that FWHM without noise; the network sees 3 slices and is told the PSF; its output keeps
+# 0.4× that FWHM without noise; the network sees 3 slices and is told the PSF; its output keeps
 # the input's activity in every 4×4 block. Combines with the others: `scanner,quick` (a CPU run
 # of minutes), `scanner,gpu`.
 SCANNER_VARIANT = {
