@@ -224,6 +224,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             "eval_every_steps": 0,  # 0 = once per epoch
             "checkpoint_every_steps": 0,  # 0 = once per epoch
             "keep_checkpoints": 3,
+            # Extra weight of lesion voxels in the MSE (w = 1 + lesion_weight inside a lesion of
+            # <root>/lesions/, the loss mean(w·err²) / mean(w)); 0 = the paper's plain MSE.
+            # Lesions exist in the PET only: weighing them makes a network that is told the
+            # anatomy pay for filling them with the uptake the anatomy predicts.
+            "lesion_weight": 0.0,
         }
     )
     # Evaluation: PSNR, SSIM and LPIPS of the params with the best validation PSNR, beside the
@@ -551,6 +556,8 @@ def validate(config, num_devices: int | None = None) -> None:
     t = config.train
     if t.lr <= 0 or t.epochs < 1 or t.batch_size < 1:
         errors.append("train.lr must be > 0, train.epochs and train.batch_size ≥ 1")
+    if t.get("lesion_weight", 0.0) < 0:
+        errors.append(f"train.lesion_weight: expected ≥ 0, got {t.lesion_weight}")
     n = num_devices if num_devices is not None else jax.device_count()
     if t.batch_size % n:
         errors.append(

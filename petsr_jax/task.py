@@ -13,6 +13,7 @@ A batch is a dict of NHWC arrays, the slice to restore and what comes with it:
   (`data.context_slices`); present when the task needs neighbours (`Task.neighbours`);
 * `guide` `[N, H, W, C]` — an MR-guided run's T1 (and coordinates), never degraded; in
   training a fraction `guide_dropout` of the images get zeros instead (`mr.dropout`);
+* `lesion` `[N, H, W]` (training only, with `train.lesion_weight`) — 1 inside a lesion;
 * `index` `[N]` (evaluation only) — a number per slice that fixes the random draws of a
   stochastic degradation, so a slice is scored on the same input at every evaluation.
 
@@ -249,6 +250,7 @@ class Task:
     consistency: str = "none"
     block: int = 0
     guide_dropout: float = 0.0
+    lesion_weight: float = 0.0
 
     @classmethod
     def from_config(cls, config, spacing_mm=None) -> Task:
@@ -290,6 +292,7 @@ class Task:
             consistency=str(t.get("consistency", "none")),
             block=int(t.get("consistency_block", 0)) or default_block,
             guide_dropout=float(config.get("mr", {}).get("dropout", 0.0)),
+            lesion_weight=float(config.get("train", {}).get("lesion_weight", 0.0)),
         )
 
     # -- shapes -------------------------------------------------------------------------------
@@ -406,9 +409,16 @@ class Task:
 
     def loss(self, model, params, batch, keys):
         """MSE between the output for the degraded batch (its guidance dropped as configured)
-        and its target."""
+        and its target; with `lesion_weight`, lesion pixels (`batch["lesion"]`) weigh
+        1 + lesion_weight and the sum is divided by the total weight."""
         _, sr, target = self.predict(model, params, self.drop_guidance(batch, keys), keys)
-        return jnp.mean(jnp.square(sr - target))
+        squared = jnp.square(sr - target)
+        if not self.lesion_weight:
+            return jnp.mean(squared)
+        if "lesion" not in batch:
+            raise TaskError("a lesion-weighted loss needs the batch's lesion maps")
+        weight = 1.0 + self.lesion_weight * jnp.asarray(batch["lesion"], squared.dtype)[..., None]
+        return jnp.sum(weight * squared) / jnp.sum(weight)
 
     @staticmethod
     def eval_keys(batch, n: int):
@@ -428,4 +438,6 @@ class Task:
             parts.append("MR-guided" + (dropped or ""))
         if self.consistency == "block":
             parts.append(f"activity kept per {self.block}×{self.block} block")
+        if self.lesion_weight:
+            parts.append(f"lesion pixels weighted {1 + self.lesion_weight:g}× in the loss")
         return ", ".join(parts)

@@ -221,3 +221,56 @@ def test_a_bicubic_task_with_context_and_activity_kept_feeds_degraded_neighbours
     sums = lambda x: np.asarray(x).reshape(2, 4, 4, 4, 4).sum(axis=(2, 4))  # noqa: E731
     np.testing.assert_allclose(sums(sr), sums(np.maximum(np.asarray(lr), 0)), rtol=1e-5)
     assert not np.allclose(np.asarray(sr), np.asarray(lr))
+
+
+def test_lesion_weighted_loss_against_numpy():
+    """w = 1 + 4 inside the lesion: sum(w·err²) / sum(w), the identity network on 2× bicubic."""
+    rng = np.random.default_rng(7)
+    hr = rng.random((2, 16, 16, 1)).astype(np.float32)
+    lesion = np.zeros((2, 16, 16), np.float32)
+    lesion[0, 4:8, 4:8] = 1
+    lesion[1, 10:12, 2:9] = 1
+    batch = {"hr": hr, "lesion": lesion}
+    keys = jax.random.split(jax.random.key(0), 2)
+    err = np.asarray(degrade(jnp.asarray(hr), 2)) - hr
+    weight = 1 + 4 * lesion[..., None]
+    want = np.sum(weight * err**2) / np.sum(weight)
+    got = Task(Bicubic(2), lesion_weight=4.0).loss(_FirstChannels(), None, batch, keys)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    plain = Task(Bicubic(2)).loss(_FirstChannels(), None, batch, keys)
+    np.testing.assert_allclose(float(plain), np.mean(err**2), rtol=1e-5)
+    with pytest.raises(ValueError, match="lesion maps"):
+        Task(Bicubic(2), lesion_weight=4.0).loss(_FirstChannels(), None, {"hr": hr}, keys)
+    with pytest.raises(ConfigError, match="train.lesion_weight"):
+        validate(build_config("deepsr", "tiny,train.lesion_weight=-1"))
+
+
+def test_lesion_maps_are_cropped_and_flipped_with_the_slice(tmp_path, monkeypatch):
+    """The training set of a root with lesion maps carries them (uint8, 1 inside), and every
+    crop and flip moves them with the PET; a root without them is refused by patient."""
+    import nibabel as nib
+    from conftest import make_nifti_root
+
+    monkeypatch.setenv("PETSR_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_nifti_root(tmp_path / "root", n_patients=2, slices=4, size=24)
+    ids = sorted(data.list_patients(root))
+    with pytest.raises(data.DataError, match=f"patient {ids[0]} has no lesion map"):
+        data.build_slice_set(root, ids, eval_split=False, lesions=True)
+    for pid in ids:  # a lesion wherever the PET is above half its maximum: hr > 0.5
+        image = nib.load(root / f"{pid}.nii.gz")
+        pet = np.asarray(image.dataobj)
+        lesions = (pet > 0.5 * pet.max()).astype(np.uint8)
+        (root / "lesions").mkdir(exist_ok=True)
+        nib.save(nib.Nifti1Image(lesions, image.affine), str(root / "lesions" / f"{pid}.nii.gz"))
+    slices = data.build_slice_set(root, ids, eval_split=False, lesions=True)
+    assert slices.lesion.dtype == np.uint8 and slices.lesion.shape == slices.hr.shape
+    np.testing.assert_array_equal(slices.lesion, np.asarray(slices.hr) > 0.5)
+    assert 0 < slices.lesion.mean() < 1
+    cached = data.build_slice_set(root, ids, eval_split=False, lesions=True)
+    np.testing.assert_array_equal(np.asarray(cached.lesion), slices.lesion)
+    ds = data.train_dataset(data.SliceSource.of(slices), batch_size=4, seed=3, crop_size=12)
+    for step in range(4):
+        batch = ds[step]
+        assert batch["lesion"].shape == (4, 12, 12)
+        np.testing.assert_array_equal(batch["lesion"], batch["hr"][..., 0] > 0.5)
+    assert data.build_slice_set(root, ids, eval_split=False).lesion is None

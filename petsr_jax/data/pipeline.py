@@ -21,8 +21,9 @@ class SliceSource(grain.sources.RandomAccessDataSource):
     """Grain random access over the training slices of a cache (memory-mapped, picklable).
 
     A record is the `[H, W]` slice, or with extra channels the dict `{"hr": [H, W], "guide":
-    [H, W, C], "context": [H, W, 2n]}` of the same slice: MR guidance (`guide_path` / `guide`)
-    and neighbouring slices (`context_path` / `context`), each present when given.
+    [H, W, C], "context": [H, W, 2n], "lesion": [H, W]}` of the same slice: MR guidance
+    (`guide_path` / `guide`), neighbouring slices (`context_path` / `context`) and the lesion map
+    of a lesion-weighted loss (`lesion_path` / `lesion`), each present when given.
     """
 
     def __init__(
@@ -34,6 +35,8 @@ class SliceSource(grain.sources.RandomAccessDataSource):
         guide: np.ndarray | None = None,
         context_path: str | os.PathLike | None = None,
         context: np.ndarray | None = None,
+        lesion_path: str | os.PathLike | None = None,
+        lesion: np.ndarray | None = None,
     ):
         # name → (path of a .npy file to memory-map, or None; the array, or None until opened)
         self._arrays = {
@@ -42,6 +45,7 @@ class SliceSource(grain.sources.RandomAccessDataSource):
                 ("hr", hr_path, array),
                 ("guide", guide_path, guide),
                 ("context", context_path, context),
+                ("lesion", lesion_path, lesion),
             )
             if path is not None or array is not None
         }
@@ -57,6 +61,7 @@ class SliceSource(grain.sources.RandomAccessDataSource):
         hr_path, hr = split(slices.hr)
         guide_path, guide = split(getattr(slices, "guide", None))
         context_path, context = split(getattr(slices, "context", None))
+        lesion_path, lesion = split(getattr(slices, "lesion", None))
         return cls(
             hr_path,
             hr,
@@ -64,6 +69,8 @@ class SliceSource(grain.sources.RandomAccessDataSource):
             guide=guide,
             context_path=context_path,
             context=context,
+            lesion_path=lesion_path,
+            lesion=lesion,
         )
 
     def _data(self, name: str) -> np.ndarray:
@@ -115,8 +122,9 @@ class ToDomain(grain.transforms.Map):
 class CropFlip(grain.transforms.RandomMap):
     """A random `crop_size` crop (0 = whole slice) and random flips of one [H, W] slice.
 
-    Returns `{"hr": float32 [h, w, 1]}`. A record with `guide` `[H, W, C]` and/or `context`
-    `[H, W, 2n]` gets the one crop and the same flips on all of them, which keep their channels.
+    Returns `{"hr": float32 [h, w, 1]}`. A record with `guide` `[H, W, C]`, `context`
+    `[H, W, 2n]` and/or `lesion` `[H, W]` gets the one crop and the same flips on all of them,
+    which keep their channels.
     Grain seeds the generator per record, so the augmentation of a record is the same after a
     restore.
     """

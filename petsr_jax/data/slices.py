@@ -117,6 +117,9 @@ class SliceSet:
     context: np.ndarray | None = None
     # Distance between slices in mm, the median over patients (a scanner PSF is in mm).
     slice_spacing: float | None = None
+    # uint8 [N, H, W] 1 inside a lesion (`<root>/lesions/`), or None: what a lesion-weighted
+    # loss (`train.lesion_weight`) weighs.
+    lesion: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.hr.shape[0])
@@ -139,6 +142,7 @@ def _cache_key(
     eval_split: bool,
     guidance: tuple[str, ...] = (),
     neighbours: int = 0,
+    lesions: bool = False,
 ) -> str:
     """Content key of a split's slice cache: the files' names, sizes and times, the rule, the
     MR guidance channels and the neighbouring slices kept (a PET-only 2D run's key is what it
@@ -148,6 +152,8 @@ def _cache_key(
         h.update(f"|guide:{','.join(guidance)}".encode())
     if neighbours:
         h.update(f"|neighbours:{neighbours}".encode())
+    if lesions:
+        h.update(b"|lesions")
     patients = list_patients(root)
     for pid in sorted(patient_ids):
         paths = [patients[pid]] + [root / f / f"{pid}.nii.gz" for f in AUX_FOLDERS]
@@ -174,6 +180,7 @@ def build_slice_set(
     cache: bool = True,
     guidance: tuple[str, ...] = (),
     neighbours: int = 0,
+    lesions: bool = False,
 ) -> SliceSet:
     """The slices of `patient_ids` (all of them for training, brain slices for evaluation).
 
@@ -181,9 +188,10 @@ def build_slice_set(
     every patient must have a T1 on its PET's grid, or a `DataError` names the patient.
     `neighbours` (`Task.neighbours`) adds each slice's neighbours in its volume (`context`),
     taken from the whole volume, so an evaluation slice at the edge of the kept range still
-    sees its true neighbours.
+    sees its true neighbours. `lesions` adds each slice's lesion map (`lesion`); then every
+    patient must have one.
     """
-    key = _cache_key(root, patient_ids, rule, eval_split, guidance, neighbours)
+    key = _cache_key(root, patient_ids, rule, eval_split, guidance, neighbours, lesions)
     folder = cache_dir() / key
     if cache and (folder / "index.json").exists():
         index = json.loads((folder / "index.json").read_text())
@@ -212,10 +220,15 @@ def build_slice_set(
                 else None
             ),
             slice_spacing=index.get("slice_spacing"),
+            lesion=(
+                np.load(folder / "lesion.npy", mmap_mode="r", allow_pickle=False)
+                if index.get("has_lesion")
+                else None
+            ),
         )
     patients = list_patients(root)
     hr, masks, pids, idx, scales, units, spacings, guides = [], [], [], [], [], set(), [], []
-    contexts, slice_spacings = [], []
+    contexts, slice_spacings, lesion_maps = [], [], []
     for pid in sorted(patient_ids):
         scan = load_patient(root, pid, patients[pid])
         data, scale = normalise(scan.volume.data)
@@ -236,6 +249,14 @@ def build_slice_set(
             contexts.append(context_slices(data, keep, neighbours))
         if guidance:
             guides.append(_guide_of(scan, root, keep, guidance))
+        if lesions:
+            if scan.lesions is None:
+                raise DataError(
+                    f"patient {pid} has no lesion map ({root / 'lesions' / f'{pid}.nii.gz'}); "
+                    "a lesion-weighted loss (train.lesion_weight) needs one for every training "
+                    "patient"
+                )
+            lesion_maps.append((scan.lesions[keep] > 0).astype(np.uint8))
     shapes = {a.shape[1:] for a in hr}
     if len(shapes) > 1:
         raise DataError(f"patients in {root} have different slice sizes {sorted(shapes)}")
@@ -252,6 +273,7 @@ def build_slice_set(
         pixel_spacing=_spacing_or_none(np.median(spacings, axis=0).tolist() if spacings else None),
         context=np.concatenate(contexts) if neighbours else None,
         slice_spacing=float(np.median(slice_spacings)) if slice_spacings else None,
+        lesion=np.concatenate(lesion_maps) if lesions else None,
     )
     if cache:
         _write_cache(folder, result)
@@ -338,6 +360,8 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         np.save(tmp / "guide.npy", s.guide, allow_pickle=False)
     if s.context is not None:
         np.save(tmp / "context.npy", s.context, allow_pickle=False)
+    if s.lesion is not None:
+        np.save(tmp / "lesion.npy", s.lesion, allow_pickle=False)
     index = {
         "patient": s.patient.tolist(),
         "slice_index": s.slice_index.tolist(),
@@ -348,6 +372,7 @@ def _write_cache(folder: Path, s: SliceSet) -> None:
         "pixel_spacing": s.pixel_spacing,
         "has_context": s.context is not None,
         "slice_spacing": s.slice_spacing,
+        "has_lesion": s.lesion is not None,
     }
     (tmp / "index.json").write_text(json.dumps(index))
     try:

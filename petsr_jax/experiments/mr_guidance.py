@@ -89,6 +89,9 @@ def run_label(config: dict) -> str:
         extras.append(f"T1 dropped for {dropout:.0%} in training")
     if config.get("task", {}).get("consistency", "none") == "block":
         extras.append("activity kept per block")
+    lesion_weight = config.get("train", {}).get("lesion_weight", 0.0)
+    if lesion_weight:
+        extras.append(f"lesions weighted {1 + lesion_weight:g}×")
     if config.get("mr", {}).get("coordinates"):
         extras.append("coordinates")
     return "MR-guided" + (f" ({', '.join(extras)})" if extras else "")

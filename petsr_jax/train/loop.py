@@ -111,6 +111,7 @@ def prepare_data(config) -> RunData:
             rule=config.data.eval_slices,
             guidance=mr.guidance_channels(config),
             neighbours=neighbours,
+            lesions=name == "train" and config.train.get("lesion_weight", 0.0) > 0,
         )
         for name in ("train", "val", "test")
     }
