@@ -352,13 +352,14 @@ def test_cohort_of_another_version_is_left_beside_a_new_one(tiny_root, monkeypat
     unversioned = tmp_path / "cohort-tiny-seed0"
     shutil.copytree(tiny_root, unversioned)
     # The generator moves on: a new version (here with a one-patient tiny preset, to be quick).
-    monkeypatch.setattr(cohort, "VERSION", "3")
+    newer = str(int(current) + 1)
+    monkeypatch.setattr(cohort, "VERSION", newer)
     monkeypatch.setitem(sim.PRESETS, "tiny", dataclasses.replace(TINY, n_patients=1))
 
     root = sim.ensure_cohort("tiny", seed=0, progress=False, workers=1)
 
-    assert root == tmp_path / "cohort-tiny-seed0-v3"
-    assert _described_as(root, version="3", n_patients=1)
+    assert root == tmp_path / f"cohort-tiny-seed0-v{newer}"
+    assert _described_as(root, version=newer, n_patients=1)
     for old in (cached, unversioned):
         assert _described_as(old, version=current, n_patients=TINY.n_patients)
     monkeypatch.setattr(cohort, "generate_cohort", _must_not_generate)
