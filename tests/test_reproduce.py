@@ -126,7 +126,7 @@ def test_each_table_has_the_three_paper_rows_with_one_bicubic_baseline(reproduce
     for scale in SCALES:  # PET-only vs MR-guided: scores, grey-matter and lesion errors
         section = _section(text, f"#### PET-only vs MR-guided DeepSR, {scale}×")
         assert [r[0] for r in _table_rows(section)] == ["bicubic", "PET-only", "MR-guided"]
-        assert "lesion CRC" in section and "below-GM lesion |mean err| %" in section
+        assert "lesion CRC" in section and r"below-GM lesion \|mean err\| %" in section
         assert (settings.out_dir / f"mr_comparison_x{scale}.json").exists()
     for scale in SCALES:
         table_file = settings.out_dir / reproduce.table_name(scale)

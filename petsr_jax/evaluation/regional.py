@@ -335,8 +335,8 @@ def recovery_table(columns: list[tuple[str, dict, str]]) -> list[str]:
     summary, image)` of `columns` (e.g. `("bicubic", summary, "bicubic")`), with the mean and
     absolute % errors of mean and max activity, the CRC, and 95 % CIs of |mean error| and CRC."""
     lines = [
-        "| region | n | image | mean err % | |mean err| % (95 % CI) | max err % | |max err| % "
-        "| CRC (95 % CI) |",
+        "| region | n | image | mean err % | \\|mean err\\| % (95 % CI) | max err % "
+        "| \\|max err\\| % | CRC (95 % CI) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     first = columns[0][1]

@@ -34,9 +34,13 @@ def mean_std_cell(entry: dict, metric: str, digits: int, missing: str = "") -> s
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """The lines of a markdown table: the header, its rule, one line per row."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    """The lines of a markdown table: the header, its rule, one line per row; a `|` inside a
+    cell (as in "|mean err|") is escaped so it does not end the cell."""
+
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header)] + [line(row) for row in rows]
 
 
 # What the tables call the networks (`model.name`).

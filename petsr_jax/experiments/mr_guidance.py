@@ -297,7 +297,11 @@ def figure_panels(pet_only, mr_guided: list, root, picks) -> dict[str, list]:
 
 
 def comparison_figure(path: Path, panels: dict, labels: list[str], mr_titles: list[str]):
-    """bicubic | PET-only | each MR-guided | original | T1, one lesion per row, outlined."""
+    """bicubic | PET-only | each MR-guided | original | T1, one lesion per row, outlined (long
+    titles wrapped to the panel's width)."""
+    import textwrap
+
+    mr_titles = [textwrap.fill(title, 28) for title in mr_titles]
     columns = [
         report.GridColumn("bicubic (input)", panels["bicubic"]),
         report.GridColumn("PET-only DeepSR", panels["pet_only"]),
