@@ -213,27 +213,27 @@ ffi::Error Guarded(F&& body) {
 }
 
 // What both directions start from: the shapes checked, then, on the oneDNN thread, the
-// problem's dimensions, its cached plan (with the backward primitives when asked) and a stream,
-// handed to `body(d, plan, stream)`.
+// problem's dimensions, its cached plan (with the backward primitives when asked), a stream and
+// the input and HWIO kernel as oneDNN memory, handed to `body(d, plan, stream, src, hwio)`.
 template <typename F>
-ffi::Error WithPlan(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, bool backward,
+ffi::Error WithPlan(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32>& w, bool backward,
                     F&& body) {
-  if (auto err = CheckShapes(x, w); err.failure()) return err;
+  if (auto err = CheckShapes(x.dimensions(), w.dimensions()); err.failure()) return err;
   return Guarded([&]() {
-    Key key = KeyOf(x, w);
+    Key key = KeyOf(x.dimensions(), w.dimensions());
     Dims d = MakeDims(key);
     auto plan = GetPlan(key, backward);
     dnnl::stream stream(Engine());
-    return body(d, plan, stream);
+    dnnl::memory src(d.src, Engine(), x.typed_data());
+    dnnl::memory hwio(d.weights_hwio, Engine(), w.typed_data());
+    return body(d, plan, stream, src, hwio);
   });
 }
 
 ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> y) {
-  return WithPlan(x.dimensions(), w.dimensions(), false, [&](const Dims& d, auto& plan,
-                                                              dnnl::stream& stream) {
-    dnnl::memory src(d.src, Engine(), x.typed_data());
-    dnnl::memory hwio(d.weights_hwio, Engine(), w.typed_data());
+  return WithPlan(x, w, false, [&](const Dims& d, auto& plan, dnnl::stream& stream,
+                                   dnnl::memory& src, dnnl::memory& hwio) {
     dnnl::memory bias(d.bias, Engine(), b.typed_data());
     dnnl::memory dst(d.dst, Engine(), y->typed_data());
     dnnl::memory weights = WeightsIn(plan->fwd_pd.weights_desc(), hwio, stream);
@@ -254,11 +254,9 @@ ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvBackward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> dy,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw,
                         ffi::ResultBuffer<ffi::F32> db) {
-  return WithPlan(x.dimensions(), w.dimensions(), true, [&](const Dims& d, auto& plan,
-                                                             dnnl::stream& stream) {
-    dnnl::memory src(d.src, Engine(), x.typed_data());
+  return WithPlan(x, w, true, [&](const Dims& d, auto& plan, dnnl::stream& stream,
+                                  dnnl::memory& src, dnnl::memory& hwio) {
     dnnl::memory diff_dst(d.dst, Engine(), dy.typed_data());
-    dnnl::memory hwio(d.weights_hwio, Engine(), w.typed_data());
     dnnl::memory diff_src(d.src, Engine(), dx->typed_data());
     dnnl::memory weights = WeightsIn(plan->bwd_data_pd->weights_desc(), hwio, stream);
     plan->bwd_data->execute(
