@@ -174,6 +174,11 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # decides the uptake (a lesion exists in the PET only). Evaluation and use always
             # give the T1.
             "dropout": 0.0,
+            # Block side in pixels (0 = off): a PET-only network is trained beside the guided
+            # one, and the guided output keeps the PET-only output's activity in every block of
+            # this side, so the T1 can sharpen within a block but not fill a lesion the PET
+            # does not show (petsr_jax.models.anchored).
+            "anchor_block": 0,
         }
     )
     # What the network learns to undo, and what its output must keep (petsr_jax.task).
@@ -622,6 +627,11 @@ def _mr_problems(config) -> list[str]:
         problems.append(f"mr.dropout: a fraction of training images, in [0, 1); got {dropout}")
     elif dropout and not config.mr.t1:
         problems.append("mr.dropout: drops the T1 guidance of an MR-guided run; set mr.t1=true")
+    anchor = config.mr.get("anchor_block", 0)
+    if anchor < 0:
+        problems.append(f"mr.anchor_block: a block side in pixels, or 0; got {anchor}")
+    elif anchor and not config.mr.t1:
+        problems.append("mr.anchor_block: anchors an MR-guided network; set mr.t1=true")
     expected = input_channels(config)
     if config.model.in_channels != expected:
         problems.append(

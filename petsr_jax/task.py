@@ -41,6 +41,12 @@ activity of the network's input there: super-resolution moves activity within a 
 neither creates nor removes it, total activity is exact and the air stays empty. The
 projection is the model's last step, in training too, so the network learns with it.
 
+Anchored MR guidance (`mr.anchor_block = b`): the model is two networks (`models.Anchored`), a
+PET-only one on the PET slices and the MR-guided one on everything; the guided output is
+rescaled block by block to hold the PET-only output's activity in every `b × b` block, and both
+are trained against the target. The T1 sharpens within a block; it cannot move activity into a
+lesion that the PET alone does not show.
+
 Channel order of the network input: the centre slice first (DeepSR's image-level skip adds its
 output to channel 0), then the neighbours, then the MR guidance, then the scanner's FWHM.
 """
@@ -251,6 +257,7 @@ class Task:
     block: int = 0
     guide_dropout: float = 0.0
     lesion_weight: float = 0.0
+    anchor_block: int = 0
 
     @classmethod
     def from_config(cls, config, spacing_mm=None) -> Task:
@@ -293,6 +300,7 @@ class Task:
             block=int(t.get("consistency_block", 0)) or default_block,
             guide_dropout=float(config.get("mr", {}).get("dropout", 0.0)),
             lesion_weight=float(config.get("train", {}).get("lesion_weight", 0.0)),
+            anchor_block=int(config.get("mr", {}).get("anchor_block", 0)),
         )
 
     # -- shapes -------------------------------------------------------------------------------
@@ -356,11 +364,17 @@ class Task:
             )
         return jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
-    def _finish(self, sr, lr_centre):
-        """The model's last step: the activity projection when the task asks for it."""
+    def _finish(self, raw, lr_centre):
+        """The model's last steps: the guided output anchored to the PET-only one (an
+        `Anchored` model's two channels), then the activity projection when the task asks for
+        it. Returns (output, the PET-only output or None)."""
+        sr, pet_only = raw, None
+        if self.anchor_block:
+            sr, pet_only = raw[..., :1], raw[..., 1:2]
+            sr = conserve_activity(sr, pet_only, self.anchor_block)
         if self.consistency == "block":
-            return conserve_activity(sr, lr_centre, self.block)
-        return sr
+            sr = conserve_activity(sr, lr_centre, self.block)
+        return sr, pet_only
 
     def degrade(self, batch, keys=None):
         """(network input `[N, H, W, slab]`, target `[N, H, W, 1]`, input FWHM in px or None)."""
@@ -378,9 +392,14 @@ class Task:
         `keys` (one PRNG key per image) draw a stochastic degradation; by default they are fixed
         by `batch["index"]`."""
         lr, target, fwhm_px = self.degrade(batch, keys)
-        sr = model.apply({"params": params}, self._network_input(lr, batch, fwhm_px))
+        lr_centre, sr, _, target = self._predict(model, params, batch, lr, target, fwhm_px)
+        return lr_centre, sr, target
+
+    def _predict(self, model, params, batch, lr, target, fwhm_px):
+        raw = model.apply({"params": params}, self._network_input(lr, batch, fwhm_px))
         lr_centre = lr[..., self.context : self.context + 1]
-        return lr_centre, self._finish(sr, lr_centre), target
+        sr, pet_only = self._finish(raw, lr_centre)
+        return lr_centre, sr, pet_only, target
 
     def enhance(self, model, params, batch, fwhm_px=None):
         """The network on the scan as it is (the paper's Fig. 5): `[N, H, W, 1]`. A scanner
@@ -388,8 +407,8 @@ class Task:
         if self.degradation.conditioned and fwhm_px is None:
             raise TaskError("a scanner-trained model needs the scan's resolution (PSF FWHM)")
         slab = self._stack(batch, self.context)
-        sr = model.apply({"params": params}, self._network_input(slab, batch, fwhm_px))
-        return self._finish(sr, jnp.asarray(batch["hr"]))
+        raw = model.apply({"params": params}, self._network_input(slab, batch, fwhm_px))
+        return self._finish(raw, jnp.asarray(batch["hr"]))[0]
 
     def drop_guidance(self, batch, keys):
         """`batch` with the MR guidance of a `guide_dropout` fraction of its images zeroed, one
@@ -411,7 +430,16 @@ class Task:
         """MSE between the output for the degraded batch (its guidance dropped as configured)
         and its target; with `lesion_weight`, lesion pixels (`batch["lesion"]`) weigh
         1 + lesion_weight and the sum is divided by the total weight."""
-        _, sr, target = self.predict(model, params, self.drop_guidance(batch, keys), keys)
+        batch = self.drop_guidance(batch, keys)
+        lr, target, fwhm_px = self.degrade(batch, keys)
+        _, sr, pet_only, target = self._predict(model, params, batch, lr, target, fwhm_px)
+        loss = self._mse(sr, target, batch)
+        if pet_only is not None:  # the anchor is trained as a PET-only network in its own right
+            loss = loss + self._mse(pet_only, target, batch)
+        return loss
+
+    def _mse(self, sr, target, batch):
+        """Mean squared error, lesion pixels weighted `1 + lesion_weight`."""
         squared = jnp.square(sr - target)
         if not self.lesion_weight:
             return jnp.mean(squared)
@@ -440,4 +468,9 @@ class Task:
             parts.append(f"activity kept per {self.block}×{self.block} block")
         if self.lesion_weight:
             parts.append(f"lesion pixels weighted {1 + self.lesion_weight:g}× in the loss")
+        if self.anchor_block:
+            parts.append(
+                f"guided output anchored to a PET-only network per {self.anchor_block}×"
+                f"{self.anchor_block} block"
+            )
         return ", ".join(parts)

@@ -274,3 +274,51 @@ def test_lesion_maps_are_cropped_and_flipped_with_the_slice(tmp_path, monkeypatc
         assert batch["lesion"].shape == (4, 12, 12)
         np.testing.assert_array_equal(batch["lesion"], batch["hr"][..., 0] > 0.5)
     assert data.build_slice_set(root, ids, eval_split=False).lesion is None
+
+
+class _TwoOutputs:
+    """A stand-in `Anchored` network: fixed guided and PET-only outputs, whatever it is fed."""
+
+    def __init__(self, guided, pet_only):
+        self.out = np.concatenate([guided, pet_only], axis=-1)
+
+    def apply(self, variables, x):
+        return jnp.asarray(self.out)
+
+
+def test_anchored_output_keeps_the_pet_only_activity_per_block_and_trains_both():
+    rng = np.random.default_rng(11)
+    hr = rng.random((2, 16, 16, 1)).astype(np.float32)
+    guided = rng.random((2, 16, 16, 1)).astype(np.float32)
+    pet_only = rng.random((2, 16, 16, 1)).astype(np.float32)
+    task = Task(Bicubic(2), guidance=("t1",), anchor_block=4)
+    batch = {"hr": hr, "guide": hr}
+    _, sr, target = task.predict(_TwoOutputs(guided, pet_only), None, batch)
+    sr = np.asarray(sr)
+
+    def block_sums(x):
+        return x.reshape(2, 4, 4, 4, 4).sum(axis=(2, 4))
+
+    np.testing.assert_allclose(block_sums(sr), block_sums(pet_only), rtol=1e-5)
+    # Within a block the guided output's pattern is kept: sr ∝ guided there.
+    ratio = sr[0, :4, :4, 0] / guided[0, :4, :4, 0]
+    np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-5)
+    keys = jax.random.split(jax.random.key(0), 2)
+    loss = task.loss(_TwoOutputs(guided, pet_only), None, batch, keys)
+    want = np.mean((sr - hr) ** 2) + np.mean((pet_only - hr) ** 2)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_an_anchored_model_has_a_pet_only_branch_on_the_pet_channels():
+    from petsr_jax.models import Anchored, create_model
+
+    config = build_config("deepsr", "tiny,mr,mr.anchor_block=4")
+    validate(config)
+    model = create_model(config)
+    assert isinstance(model, Anchored) and model.pet_channels == 1
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 2)))["params"]
+    assert set(params) == {"pet", "guided"}
+    assert params["pet"]["conv_in"]["kernel"].shape[2] == 1  # PET only
+    assert params["guided"]["conv_in"]["kernel"].shape[2] == 2  # PET and T1
+    with pytest.raises(ConfigError, match="mr.anchor_block"):
+        validate(build_config("deepsr", "tiny,mr.anchor_block=4"))

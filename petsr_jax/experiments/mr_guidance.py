@@ -89,6 +89,9 @@ def run_label(config: dict) -> str:
         extras.append(f"T1 dropped for {dropout:.0%} in training")
     if config.get("task", {}).get("consistency", "none") == "block":
         extras.append("activity kept per block")
+    anchor = config.get("mr", {}).get("anchor_block", 0)
+    if anchor:
+        extras.append(f"anchored to PET-only per {anchor}×{anchor} block")
     lesion_weight = config.get("train", {}).get("lesion_weight", 0.0)
     if lesion_weight:
         extras.append(f"lesions weighted {1 + lesion_weight:g}×")

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 
 from petsr_jax.config import CONVS
+from petsr_jax.models.anchored import Anchored
 from petsr_jax.models.deepsr import DeepSR, ResidualBlock
 from petsr_jax.models.layers import INITS, ConvModule, initializers
 from petsr_jax.models.srcnn import SRCNN
 
 __all__ = [
+    "Anchored",
     "CONVS",
     "INITS",
     "MODELS",
@@ -46,7 +48,18 @@ def conv_module(conv: str = "auto") -> ConvModule:
 
 
 def create_model(config) -> nn.Module:
-    """The network a config names (`config.model.name` plus its fields)."""
+    """The network a config names (`config.model.name` plus its fields); with `mr.anchor_block`,
+    two of them (`Anchored`): a PET-only one beside the MR-guided one."""
+    network = _network(config)
+    if config.get("mr", {}).get("anchor_block", 0):
+        from petsr_jax.task import Task
+
+        pet_channels = Task.from_config(config, spacing_mm=(1.0, 1.0, 1.0)).slab
+        return Anchored(pet=network, guided=network.clone(), pet_channels=pet_channels)
+    return network
+
+
+def _network(config) -> nn.Module:
     m = config.model
     dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     conv = conv_module(m.get("conv", "auto"))
