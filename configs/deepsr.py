@@ -33,7 +33,7 @@ After the colon come variants by name (`VARIANTS` below, applied first, in the o
 field and what it means: `petsr_jax.config.base_config`.
 """
 
-from petsr_jax.config import SCANNER_VARIANT, apply_arg, base_config
+from petsr_jax.config import MR_VARIANT, SCANNER_VARIANT, apply_arg, base_config
 
 
 def get_config(arg=None):
@@ -61,11 +61,8 @@ VARIANTS = {
     },
     # Trained on what a scanner produces, for enhancing real scans: see config.SCANNER_VARIANT.
     "scanner": SCANNER_VARIANT,
-    # MR-guided: the co-registered T1 slice as a second input channel (full resolution, not
-    # degraded); the output and the residual stay PET only. Combines with the others:
-    # `quick,mr`. Add the radial and axial coordinate channels with `mr.coordinates=true,
-    # model.in_channels=4`.
-    "mr": {"mr.t1": True, "model.in_channels": 2},
+    # MR-guided, anchored to a PET-only network: see config.MR_VARIANT.
+    "mr": MR_VARIANT,
     # Unit-test sized: a few steps of a 2-block network on the tiny cohort.
     "tiny": {
         "data.cohort": "tiny",

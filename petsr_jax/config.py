@@ -61,7 +61,8 @@ FLAG_HELP = {
     "quick": "a 2-core CPU run of minutes: small cohort, 64² crops, 40 epochs, DeepSR 6×32",
     "gpu": "one GPU: bfloat16 compute, whole 384² slices, batch 16",
     "paper": "the authors' protocol: 8-bit data domain, batch 16, no flips, final weights",
-    "mr": "MR-guided: the co-registered T1 as a second input channel",
+    "mr": "MR-guided: the co-registered T1 as a second input channel, anchored to a PET-only "
+    "network per 4×4 block",
     "scanner": "train on what scanners produce: 3D PSF + noise of random shape phantoms, "
     "3 slices in, activity kept per block (for enhancing real scans)",
     "tiny": "the tests' size: the tiny cohort (4 × 8 slices of 32²), a few steps",
@@ -73,6 +74,16 @@ FLAG_HELP = {
 # 0.4× that FWHM without noise; the network sees 3 slices and is told the PSF; its output keeps
 # the input's activity in every 4×4 block. Combines with the others: `scanner,quick` (a CPU run
 # of minutes), `scanner,gpu`.
+# The `mr` variant, the same for both networks: the co-registered T1 slice as a second input
+# channel (full resolution, not degraded); the output and DeepSR's residual stay PET only. The
+# guided network is anchored (`mr.anchor_block`): a PET-only network is trained beside it and
+# the guided output keeps the PET-only output's activity in every 4×4 block, so the T1 sharpens
+# within a block but does not fill a lesion the PET does not show (the plain guided network,
+# `mr,mr.anchor_block=0`, does: README, MR-guided super-resolution). Combines with the others:
+# `quick,mr`. Add the radial and axial coordinate channels with `mr.coordinates=true,
+# model.in_channels=4`.
+MR_VARIANT = {"mr.t1": True, "model.in_channels": 2, "mr.anchor_block": 4}
+
 SCANNER_VARIANT = {
     "task.degradation": "scanner",
     "task.context": 1,

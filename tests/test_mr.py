@@ -237,7 +237,7 @@ def test_paired_lesion_differences_match_lesions_by_patient_and_label():
     assert everything["ci95"] == pytest.approx([low, high])
     below = by_group["lesions below GM uptake"]
     assert below["count"] == 2 and below["mean_difference"] == pytest.approx(5.0)
-    label = "MR-guided (T1 dropped for 50% in training, activity kept per block)"
+    label = "MR-guided, not anchored (T1 dropped for 50% in training, activity kept per block)"
     assert everything["label"] == label
 
 

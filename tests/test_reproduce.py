@@ -125,7 +125,11 @@ def test_each_table_has_the_three_paper_rows_with_one_bicubic_baseline(reproduce
     assert "#### Regional recovery, 8×" in text
     for scale in SCALES:  # PET-only vs MR-guided: scores, grey-matter and lesion errors
         section = _section(text, f"#### PET-only vs MR-guided DeepSR, {scale}×")
-        assert [r[0] for r in _table_rows(section)] == ["bicubic", "PET-only", "MR-guided"]
+        table = section.split("\n\nScores:")[0]  # the paired lesion differences follow
+        labels = [r[0] for r in _table_rows(table)]
+        assert labels[:2] == ["bicubic", "PET-only"] and len(labels) == 3
+        assert labels[2] == "MR-guided (anchored per 4×4 block)"
+        assert "MR-guided |mean err| − PET-only |mean err|" in section
         assert "lesion CRC" in section and r"below-GM lesion \|mean err\| %" in section
         assert (settings.out_dir / f"mr_comparison_x{scale}.json").exists()
     for scale in SCALES:

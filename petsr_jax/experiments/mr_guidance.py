@@ -82,22 +82,24 @@ def check_comparable(pet_only: dict, mr_guided: dict) -> None:
 
 
 def run_label(config: dict) -> str:
-    """How an MR-guided run differs from the plain `mr` variant, for its table row."""
-    extras = []
-    dropout = config.get("mr", {}).get("dropout", 0.0)
+    """An MR-guided run's table row: anchored to a PET-only network or not, and the options it
+    was trained with."""
+    mr, extras = config.get("mr", {}), []
+    anchor = mr.get("anchor_block", 0)
+    if anchor:
+        extras.append(f"anchored per {anchor}×{anchor} block")
+    dropout = mr.get("dropout", 0.0)
     if dropout:
         extras.append(f"T1 dropped for {dropout:.0%} in training")
     if config.get("task", {}).get("consistency", "none") == "block":
         extras.append("activity kept per block")
-    anchor = config.get("mr", {}).get("anchor_block", 0)
-    if anchor:
-        extras.append(f"anchored to PET-only per {anchor}×{anchor} block")
     lesion_weight = config.get("train", {}).get("lesion_weight", 0.0)
     if lesion_weight:
         extras.append(f"lesions weighted {1 + lesion_weight:g}×")
-    if config.get("mr", {}).get("coordinates"):
+    if mr.get("coordinates"):
         extras.append("coordinates")
-    return "MR-guided" + (f" ({', '.join(extras)})" if extras else "")
+    name = "MR-guided" if anchor else "MR-guided, not anchored"
+    return name + (f" ({', '.join(extras)})" if extras else "")
 
 
 def _row(label: str, workdir, results: dict, image: str) -> dict:

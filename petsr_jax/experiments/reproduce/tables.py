@@ -29,7 +29,7 @@ REGIONAL_SCALE = 8
 _NAMES = {
     **report.MODEL_NAMES,
     "deepsr_image": "DeepSR, image-level skip (paper text)",
-    "deepsr_mr": "MR-guided DeepSR (PET + T1)",
+    "deepsr_mr": "MR-guided DeepSR (PET + T1, anchored)",
 }
 MODEL_ROW = {name: f"Output SR from {label}" for name, label in _NAMES.items()}
 MODEL_SHORT = {
