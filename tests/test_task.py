@@ -137,7 +137,7 @@ def test_config_refuses_tasks_the_paper_domain_cannot_carry():
     with pytest.raises(ConfigError, match="data.domain=paper"):
         validate(config)
     config = build_config("deepsr", "tiny,scanner,model.in_channels=2")
-    with pytest.raises(ConfigError, match="set model.in_channels=4"):
+    with pytest.raises(ConfigError, match="set model.in_channels=8"):
         validate(config)
 
 
@@ -187,7 +187,7 @@ def test_scanner_run_trains_scores_and_enhances_keeping_activity(scanner_run):
     assert results["test"]["num_slices"] == phantoms.DEPTH
     assert np.isfinite(results["test"]["sr"]["psnr"])
     sr = petsr_jax.load(workdir)
-    assert sr.task.context == 1 and sr.task.degradation.pixel_mm == phantoms.PIXEL_MM
+    assert sr.task.context == 3 and sr.task.degradation.pixel_mm == phantoms.PIXEL_MM
     volume = phantoms.phantom_volume(7, seed=5)
     enhanced = sr(volume, psf_fwhm_mm=4.5)
     assert enhanced.data.shape == volume.data.shape and enhanced.data.min() >= 0
