@@ -52,9 +52,8 @@ def create_model(config) -> nn.Module:
     two of them (`Anchored`): a PET-only one beside the MR-guided one."""
     network = _network(config)
     if config.get("mr", {}).get("anchor_block", 0):
-        from petsr_jax.task import Task
-
-        pet_channels = Task.from_config(config, spacing_mm=(1.0, 1.0, 1.0)).slab
+        # The PET-only branch sees the PET slices: the centre and task.context on each side.
+        pet_channels = 2 * int(config.get("task", {}).get("context", 0)) + 1
         return Anchored(pet=network, guided=network.clone(), pet_channels=pet_channels)
     return network
 
