@@ -392,14 +392,14 @@ class Task:
         `keys` (one PRNG key per image) draw a stochastic degradation; by default they are fixed
         by `batch["index"]`."""
         lr, target, fwhm_px = self.degrade(batch, keys)
-        lr_centre, sr, _, target = self._predict(model, params, batch, lr, target, fwhm_px)
+        lr_centre, sr, _ = self._outputs(model, params, batch, lr, fwhm_px)
         return lr_centre, sr, target
 
-    def _predict(self, model, params, batch, lr, target, fwhm_px):
+    def _outputs(self, model, params, batch, lr, fwhm_px):
+        """(input's centre slice, output, PET-only output or None) of the network on `lr`."""
         raw = model.apply({"params": params}, self._network_input(lr, batch, fwhm_px))
         lr_centre = lr[..., self.context : self.context + 1]
-        sr, pet_only = self._finish(raw, lr_centre)
-        return lr_centre, sr, pet_only, target
+        return (lr_centre, *self._finish(raw, lr_centre))
 
     def enhance(self, model, params, batch, fwhm_px=None):
         """The network on the scan as it is (the paper's Fig. 5): `[N, H, W, 1]`. A scanner
@@ -432,7 +432,7 @@ class Task:
         1 + lesion_weight and the sum is divided by the total weight."""
         batch = self.drop_guidance(batch, keys)
         lr, target, fwhm_px = self.degrade(batch, keys)
-        _, sr, pet_only, target = self._predict(model, params, batch, lr, target, fwhm_px)
+        _, sr, pet_only = self._outputs(model, params, batch, lr, fwhm_px)
         loss = self._mse(sr, target, batch)
         if pet_only is not None:  # the anchor is trained as a PET-only network in its own right
             loss = loss + self._mse(pet_only, target, batch)
