@@ -306,17 +306,13 @@ def recovery_of_run(resolver, root, patient_ids) -> dict:
     )
 
 
-def _cell(value, signed: bool, ci=None) -> str:
+def number_cell(value, digits: int = 1, signed: bool = False, ci=None) -> str:
+    """A table cell: `value` with `digits` decimals (a sign when `signed`), its 95 % CI in
+    brackets when given, "n/a" for None."""
     if value is None:
         return "n/a"
-    text = f"{value:+.1f}" if signed else f"{value:.1f}"
-    return text + (f" ({ci[0]:.1f}–{ci[1]:.1f})" if ci else "")
-
-
-def _crc_cell(value, ci=None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.2f}" + (f" ({ci[0]:.2f}–{ci[1]:.2f})" if ci else "")
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
 
 
 # Group names as a reader knows them.
@@ -347,11 +343,11 @@ def recovery_table(columns: list[tuple[str, dict, str]]) -> list[str]:
             stats_ = summary[group][image]
             ci = stats_.get("ci95", {})
             cells = [
-                _cell(stats_["mean_error_pct"], True),
-                _cell(stats_["abs_mean_error_pct"], False, ci.get("abs_mean_error_pct")),
-                _cell(stats_["max_error_pct"], True),
-                _cell(stats_["abs_max_error_pct"], False),
-                _crc_cell(stats_.get("crc"), ci.get("crc")) if "crc" in stats_ else "",
+                number_cell(stats_["mean_error_pct"], signed=True),
+                number_cell(stats_["abs_mean_error_pct"], ci=ci.get("abs_mean_error_pct")),
+                number_cell(stats_["max_error_pct"], signed=True),
+                number_cell(stats_["abs_max_error_pct"]),
+                number_cell(stats_.get("crc"), 2, ci=ci.get("crc")) if "crc" in stats_ else "",
             ]
             count = summary[group]["count"]
             lines.append(f"| {name} | {count} | {label} | " + " | ".join(cells) + " |")

@@ -168,13 +168,6 @@ def paired_differences(pet_only: dict, mr_guided: list[dict]) -> list[dict]:
     return out
 
 
-def _number(value, digits: int, signed: bool = False, ci=None) -> str:
-    if value is None:
-        return "n/a"
-    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-    return text + (f" ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})" if ci else "")
-
-
 def comparison_markdown(
     rows: list[dict], scale: int, figure: str | None = None, paired: list[dict] | None = None
 ) -> str:
@@ -189,10 +182,10 @@ def comparison_markdown(
             digits = 2 if stat == "crc" else 1
             signed = stat == "mean_error_pct" or stat == "max_error_pct"
             ci = row["ci95"].get(key) if key in WITH_CI else None
-            region_cells.append(_number(row["regions"][key], digits, signed, ci))
+            region_cells.append(regional.number_cell(row["regions"][key], digits, signed, ci))
         cells.append(
             [row["label"]]
-            + [_number(row["scores"][k], d) for k, _, d in SCORE_COLUMNS]
+            + [regional.number_cell(row["scores"][k], d) for k, _, d in SCORE_COLUMNS]
             + region_cells
         )
     lines = [
@@ -225,7 +218,7 @@ def comparison_markdown(
                         p["label"],
                         p["group"],
                         str(p["count"]),
-                        _number(p["mean_difference"], 1, True, p["ci95"]),
+                        regional.number_cell(p["mean_difference"], 1, True, p["ci95"]),
                     ]  # fmt: skip
                     for p in paired
                 ],
