@@ -409,6 +409,39 @@ def test_enhance_with_damaged_best_params_warns_once_without_tracebacks(
     assert (tmp_path / "out" / "pat-00.nii.gz").is_file()
 
 
+def _abandoned_failed_task(error: Exception) -> None:
+    """A task that failed and whose exception nobody retrieves, as a failed restore leaves."""
+    import asyncio
+    import gc
+
+    async def fail():
+        raise error
+
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(fail())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    del task
+    gc.collect()
+
+
+def test_reads_orphaned_by_a_failed_restore_are_not_reported_other_errors_are(caplog):
+    """asyncio reports a failed, never-retrieved task when the collector reaches it, whenever
+    that is: after a damaged restore, each sibling read's TensorStore error would print a
+    traceback around the one-line warning. Those (and only those) are dropped."""
+    checkpoint._ignore_orphaned_reads()
+    tensorstore_error = ValueError(
+        'OUT_OF_RANGE: Error reading "conv_out.bias/.zarray" [tensorstore_spec=\'{}\']'
+    )
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        _abandoned_failed_task(tensorstore_error)
+        assert not [r for r in caplog.records if r.name == "asyncio"]
+        _abandoned_failed_task(KeyError("something else"))
+    reported = [r for r in caplog.records if r.name == "asyncio"]
+    assert len(reported) == 1 and "never retrieved" in reported[0].getMessage()
+    assert isinstance(reported[0].exc_info[1], KeyError)
+
+
 # ------------------------------------------------------------------------- said by name
 
 

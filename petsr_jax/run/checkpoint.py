@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 import sys
 import warnings
@@ -54,15 +55,34 @@ _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 _orphaned_reads_ignored = False
 
 
+def _is_orphaned_read_error(error: BaseException | None) -> bool:
+    """Whether `error` is one of the reports a failed restore leaves behind (see below)."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    # The sibling reads that failed too: TensorStore errors, named by their spec.
+    text = str(error)
+    return "tensorstore_spec" in text or "See full TensorStore details" in text
+
+
+class _OrphanedReadFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for TensorStore reads (see below)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not ("never retrieved" in str(record.msg) and _is_orphaned_read_error(error))
+
+
 def _ignore_orphaned_reads() -> None:
-    """Drop TensorStore's "Event loop is closed" reports of reads orphaned by a failed restore.
+    """Drop the reports of reads orphaned by a failed restore.
 
     When one file of a step cannot be read, Orbax stops and closes its asyncio loop while the
-    other reads are still in flight; as each completes, TensorStore reports its callback's
-    `RuntimeError: Event loop is closed` to `sys.unraisablehook`: a traceback per read, hundreds
-    of lines around the one-line error that says what to do. Only that error is dropped; every
-    other unraisable exception reaches the previous hook. The coroutines of the abandoned reads
-    are collected unawaited, a `RuntimeWarning` each, ignored too.
+    other reads are still in flight. As each completes, TensorStore reports its callback's
+    `RuntimeError: Event loop is closed` to `sys.unraisablehook`; reads that failed as well are
+    reported, whenever the garbage collector reaches them, by asyncio's logger ("Task exception
+    was never retrieved") or, for coroutines closed mid-read, to `sys.unraisablehook` again: a
+    traceback each, hundreds of lines around the one-line error that says what to do. Only these
+    reports are dropped; every other unraisable exception and log record passes. The coroutines
+    of the abandoned reads are collected unawaited, a `RuntimeWarning` each, ignored too.
     """
     global _orphaned_reads_ignored
     # Again on every call: a caller's `warnings.catch_warnings` may have dropped the filter.
@@ -74,12 +94,11 @@ def _ignore_orphaned_reads() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            return
-        previous(unraisable)
+        if not _is_orphaned_read_error(unraisable.exc_value):
+            previous(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrphanedReadFilter())
     _orphaned_reads_ignored = True
 
 
