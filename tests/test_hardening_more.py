@@ -431,7 +431,7 @@ def test_reads_orphaned_by_a_failed_restore_are_not_reported_other_errors_are(ca
     traceback around the one-line warning. Those (and only those) are dropped."""
     checkpoint._ignore_orphaned_reads()
     tensorstore_error = ValueError(
-        'OUT_OF_RANGE: Error reading "conv_out.bias/.zarray" [tensorstore_spec=\'{}\']'
+        "OUT_OF_RANGE: Error reading \"conv_out.bias/.zarray\" [tensorstore_spec='{}']"
     )
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         _abandoned_failed_task(tensorstore_error)

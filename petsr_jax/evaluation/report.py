@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petsr_jax.data.domain import Domain
 from petsr_jax.evaluation import regional
 from petsr_jax.evaluation.predict import predict_slices
 from petsr_jax.io.files import save_figure_atomic, write_atomic, write_json_atomic
@@ -89,8 +90,13 @@ def has_brain_mask(results: dict) -> bool:
     return bool(results.get("brain_mask", "psnr_brain" in results["test"].get("sr", {})))
 
 
+def _domain(results: dict) -> Domain:
+    """The domain a run was scored in (results written before it was recorded: "physical")."""
+    return Domain.of(results.get("domain", Domain().name))
+
+
 def _columns(results: dict) -> tuple:
-    columns = PAPER_METRICS if results.get("domain", "physical") == "paper" else METRICS
+    columns = PAPER_METRICS if _domain(results).eight_bit else METRICS
     if has_brain_mask(results):
         return columns
     return tuple(c for c in columns if not c[0].endswith("_brain"))
@@ -98,9 +104,8 @@ def _columns(results: dict) -> tuple:
 
 def _scoring_note(results: dict) -> str:
     """What the numbers are: the domain's scoring, the brain mask, and which slices."""
-    domain = results.get("domain", "physical")
     brain = BRAIN_NOTE if has_brain_mask(results) else NO_MASK_NOTE
-    note = f"{DOMAIN_NOTES[domain]} {brain}"
+    note = f"{DOMAIN_NOTES[_domain(results).name]} {brain}"
     if "eval_slices" in results:
         note += f" Test slices: {results['eval_slices']}."
     return note
