@@ -191,6 +191,9 @@ def base_config(model: str) -> ml_collections.ConfigDict:
             # this side, so the T1 can sharpen within a block but not fill a lesion the PET
             # does not show (petsr_jax.models.anchored).
             "anchor_block": 0,
+            # The anchor's block grid at every offset, averaged: the same activity kept, without
+            # the blocks' edges drawn into the output (task.conserve_activity_unblocked).
+            "anchor_unblocked": False,
         }
     )
     # What the network learns to undo, and what its output must keep (petsr_jax.task).
@@ -644,6 +647,10 @@ def _mr_problems(config) -> list[str]:
         problems.append(f"mr.anchor_block: a block side in pixels, or 0; got {anchor}")
     elif anchor and not config.mr.t1:
         problems.append("mr.anchor_block: anchors an MR-guided network; set mr.t1=true")
+    if config.mr.get("anchor_unblocked", False) and not anchor:
+        problems.append(
+            "mr.anchor_unblocked: averages the anchor's block grid; set mr.anchor_block"
+        )
     expected = input_channels(config)
     if config.model.in_channels != expected:
         problems.append(

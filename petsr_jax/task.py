@@ -45,7 +45,8 @@ Anchored MR guidance (`mr.anchor_block = b`): the model is two networks (`models
 PET-only one on the PET slices and the MR-guided one on everything; the guided output is
 rescaled block by block to hold the PET-only output's activity in every `b × b` block, and both
 are trained against the target. The T1 sharpens within a block; it cannot move activity into a
-lesion that the PET alone does not show.
+lesion that the PET alone does not show. With `mr.anchor_unblocked` the projection is averaged
+over every offset of the block grid, so the block edges do not show in the output.
 
 Channel order of the network input: the centre slice first (DeepSR's image-level skip adds its
 output to channel 0), then the neighbours, then the MR guidance, then the scanner's FWHM.
@@ -216,24 +217,26 @@ class Scanner:
         )
 
 
-def conserve_activity(sr, reference, block: int):
+def conserve_activity(sr, reference, block: int, offset: tuple[int, int] = (0, 0)):
     """`sr` `[N, H, W, 1]` made non-negative and rescaled so that each `block × block` pixel
     block holds the activity `reference` holds there (negative reference voxels count as 0).
+    The block grid starts `offset` (rows, columns) pixels before the image's corner.
 
     Where the network put no activity in a block that has some, the block gets the
     reference's block mean; where the reference has none, the output is 0.
     """
     n, h, w, c = sr.shape
-    ph, pw = -h % block, -w % block
+    top, left = offset
+    bottom, right = -(h + top) % block, -(w + left) % block
+    rows, cols = (h + top + bottom) // block, (w + left + right) // block
 
     def block_sums(x):
-        x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
-        x = x.reshape(n, (h + ph) // block, block, (w + pw) // block, block, c)
-        return x.sum(axis=(2, 4))
+        x = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+        return x.reshape(n, rows, block, cols, block, c).sum(axis=(2, 4))
 
     def spread(sums):
         full = jnp.repeat(jnp.repeat(sums, block, axis=1), block, axis=2)
-        return full[:, :h, :w]
+        return full[:, top : top + h, left : left + w]
 
     positive = jnp.maximum(sr.astype(jnp.float32), 0.0)
     wanted = block_sums(jnp.maximum(reference.astype(jnp.float32), 0.0))
@@ -242,8 +245,22 @@ def conserve_activity(sr, reference, block: int):
     count = block_sums(jnp.ones((n, h, w, c), jnp.float32))
     empty = have <= 1e-12 * jnp.maximum(wanted, 1e-30)
     ratio = jnp.where(empty, 0.0, wanted / jnp.where(empty, 1.0, have))
-    fill = jnp.where(empty, wanted / count, 0.0)
+    fill = jnp.where(empty, wanted / jnp.maximum(count, 1.0), 0.0)
     return positive * spread(ratio) + spread(fill)
+
+
+def conserve_activity_unblocked(sr, reference, block: int):
+    """`conserve_activity` with the block grid at each of its `block²` offsets, averaged
+    ("cycle spinning"): total activity is still exactly the reference's and activity is still
+    held on the scale of a block, but no block edge is drawn into the image — a single grid's
+    piecewise-constant scale factors show as a `block × block` pattern in flat regions.
+    """
+    shifted = [
+        conserve_activity(sr, reference, block, (top, left))
+        for top in range(block)
+        for left in range(block)
+    ]
+    return sum(shifted[1:], shifted[0]) / len(shifted)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +275,7 @@ class Task:
     guide_dropout: float = 0.0
     lesion_weight: float = 0.0
     anchor_block: int = 0
+    anchor_unblocked: bool = False
 
     @classmethod
     def from_config(cls, config, spacing_mm=None) -> Task:
@@ -301,6 +319,7 @@ class Task:
             guide_dropout=float(config.get("mr", {}).get("dropout", 0.0)),
             lesion_weight=float(config.get("train", {}).get("lesion_weight", 0.0)),
             anchor_block=int(config.get("mr", {}).get("anchor_block", 0)),
+            anchor_unblocked=bool(config.get("mr", {}).get("anchor_unblocked", False)),
         )
 
     # -- shapes -------------------------------------------------------------------------------
@@ -371,7 +390,8 @@ class Task:
         sr, pet_only = raw, None
         if self.anchor_block:
             sr, pet_only = raw[..., :1], raw[..., 1:2]
-            sr = conserve_activity(sr, pet_only, self.anchor_block)
+            anchor = conserve_activity_unblocked if self.anchor_unblocked else conserve_activity
+            sr = anchor(sr, pet_only, self.anchor_block)
         if self.consistency == "block":
             sr = conserve_activity(sr, lr_centre, self.block)
         return sr, pet_only
@@ -469,8 +489,9 @@ class Task:
         if self.lesion_weight:
             parts.append(f"lesion pixels weighted {1 + self.lesion_weight:g}× in the loss")
         if self.anchor_block:
+            grid = " at every grid offset, averaged" if self.anchor_unblocked else ""
             parts.append(
                 f"guided output anchored to a PET-only network per {self.anchor_block}×"
-                f"{self.anchor_block} block"
+                f"{self.anchor_block} block{grid}"
             )
         return ", ".join(parts)

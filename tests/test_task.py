@@ -11,7 +11,15 @@ import scipy.ndimage as ndi
 from petsr_jax import data
 from petsr_jax.config import ConfigError, build_config, validate
 from petsr_jax.data.degrade import degrade
-from petsr_jax.task import Bicubic, Scanner, Task, blur, conserve_activity, sigma_of
+from petsr_jax.task import (
+    Bicubic,
+    Scanner,
+    Task,
+    blur,
+    conserve_activity,
+    conserve_activity_unblocked,
+    sigma_of,
+)
 
 
 def _scanner(**changes):
@@ -86,6 +94,40 @@ def test_conserve_activity_keeps_block_sums_and_empties_the_air():
     sums = lambda x: np.pad(x, pad).reshape(3, 6, 4, 5, 4).sum(axis=(2, 4))  # noqa: E731
     np.testing.assert_allclose(sums(out), sums(reference), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.sum(), reference.sum(), rtol=1e-6)
+
+
+def test_conserve_activity_on_a_shifted_grid_keeps_that_grid_s_block_sums():
+    rng = np.random.default_rng(3)
+    sr = rng.random((2, 13, 10, 1)).astype(np.float32)
+    reference = rng.random((2, 13, 10, 1)).astype(np.float32)
+    out = np.asarray(conserve_activity(jnp.asarray(sr), jnp.asarray(reference), 4, (1, 3)))
+    # Blocks start 1 row and 3 columns before the corner: rows 0 | 1-4 | ..., columns 0 | 1-4 ...
+    pad = ((0, 0), (1, 2), (3, 3), (0, 0))
+    sums = lambda x: np.pad(x, pad).reshape(2, 4, 4, 4, 4).sum(axis=(2, 4))  # noqa: E731
+    np.testing.assert_allclose(sums(out), sums(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_unblocked_anchor_keeps_total_activity_and_the_air_without_block_edges():
+    # A smooth output anchored to a flat reference: one grid's scale factors step at every
+    # block edge; averaged over the grid's offsets they do not.
+    h = w = 32
+    ramp = np.linspace(0.2, 1.0, w, dtype=np.float32)
+    sr = np.broadcast_to(ramp**2, (1, h, w))[..., None].copy()
+    reference = np.full((1, h, w, 1), 0.5, np.float32)
+    reference[:, :, :12] = 0.0  # air on the left
+    blocked = np.asarray(conserve_activity(jnp.asarray(sr), jnp.asarray(reference), 4))
+    spun = np.asarray(conserve_activity_unblocked(jnp.asarray(sr), jnp.asarray(reference), 4))
+    np.testing.assert_allclose(spun.sum(), reference.sum(), rtol=1e-5)
+    assert spun.min() >= 0 and np.all(spun[:, :, :9] == 0)  # ≥ a block from the activity
+
+    def edge_over_inner_steps(image):
+        steps = np.abs(np.diff(image[0, h // 2, 16:, 0]))  # columns 16..31: activity only
+        at_edges = steps[3::4]  # between columns 19|20, 23|24, 27|28
+        inner = np.delete(steps, np.s_[3::4])
+        return at_edges.mean() / inner.mean()
+
+    assert edge_over_inner_steps(blocked) > 2.5, edge_over_inner_steps(spun)
+    assert edge_over_inner_steps(spun) < 1.5, edge_over_inner_steps(spun)
 
 
 def test_context_slices_reflect_at_the_volume_edges_as_numpy_pad():
@@ -309,6 +351,27 @@ def test_anchored_output_keeps_the_pet_only_activity_per_block_and_trains_both()
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+def test_unblocked_anchor_is_the_mean_of_the_block_anchor_over_grid_offsets():
+    rng = np.random.default_rng(12)
+    hr = rng.random((1, 12, 12, 1)).astype(np.float32)
+    guided = rng.random((1, 12, 12, 1)).astype(np.float32)
+    pet_only = rng.random((1, 12, 12, 1)).astype(np.float32)
+    task = Task(Bicubic(2), guidance=("t1",), anchor_block=3, anchor_unblocked=True)
+    _, sr, _ = task.predict(_TwoOutputs(guided, pet_only), None, {"hr": hr, "guide": hr})
+    # Each offset's blocks hold the PET-only activity (numpy, blocks cut by hand).
+    want = np.zeros_like(guided)
+    for top in range(3):
+        for left in range(3):
+            for rows in np.split(np.arange(-top, 15 - top), 5):
+                for cols in np.split(np.arange(-left, 15 - left), 5):
+                    r, c = rows[(rows >= 0) & (rows < 12)], cols[(cols >= 0) & (cols < 12)]
+                    if len(r) and len(c):
+                        block = np.ix_([0], r, c, [0])
+                        want[block] += guided[block] * pet_only[block].sum() / guided[block].sum()
+    np.testing.assert_allclose(np.asarray(sr), want / 9, rtol=1e-5)
+    assert "at every grid offset" in task.describe()
+
+
 def test_an_anchored_model_has_a_pet_only_branch_on_the_pet_channels():
     from petsr_jax.models import Anchored, create_model
 
@@ -322,3 +385,5 @@ def test_an_anchored_model_has_a_pet_only_branch_on_the_pet_channels():
     assert params["guided"]["conv_in"]["kernel"].shape[2] == 2  # PET and T1
     with pytest.raises(ConfigError, match="mr.anchor_block"):
         validate(build_config("deepsr", "tiny,mr.anchor_block=4"))
+    with pytest.raises(ConfigError, match="mr.anchor_unblocked"):
+        validate(build_config("deepsr", "tiny,mr,mr.anchor_block=0,mr.anchor_unblocked=true"))

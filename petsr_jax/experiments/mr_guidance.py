@@ -87,7 +87,8 @@ def run_label(config: dict) -> str:
     mr, extras = config.get("mr", {}), []
     anchor = mr.get("anchor_block", 0)
     if anchor:
-        extras.append(f"anchored per {anchor}×{anchor} block")
+        grid = ", every grid offset" if mr.get("anchor_unblocked") else ""
+        extras.append(f"anchored per {anchor}×{anchor} block{grid}")
     dropout = mr.get("dropout", 0.0)
     if dropout:
         extras.append(f"T1 dropped for {dropout:.0%} in training")
