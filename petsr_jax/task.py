@@ -46,7 +46,8 @@ PET-only one on the PET slices and the MR-guided one on everything; the guided o
 rescaled block by block to hold the PET-only output's activity in every `b × b` block, and both
 are trained against the target. The T1 sharpens within a block; it cannot move activity into a
 lesion that the PET alone does not show. With `mr.anchor_unblocked` the projection is averaged
-over every offset of the block grid, so the block edges do not show in the output.
+over every offset of the block grid, so the block edges do not show in the output; measured, the
+network then moves lesion activity as an unanchored one does (README, MR-guided).
 
 Channel order of the network input: the centre slice first (DeepSR's image-level skip adds its
 output to channel 0), then the neighbours, then the MR guidance, then the scanner's FWHM.
